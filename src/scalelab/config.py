@@ -1,0 +1,304 @@
+"""Typed run configuration: dataclasses, TOML loading, ``--set`` overrides and validation.
+
+A run is a :class:`Config`: one dataclass per concern (data, model, recipe, train, parallel). Every field has a
+type, a default and, where it matters, the allowed range or choices in its metadata. ``load_config`` builds a
+``Config`` from a TOML file and ``section.key=value`` overrides, and validates everything before any work is
+done; a problem raises :class:`~scalelab.errors.ConfigError` with one line naming the key and what is allowed.
+
+Example:
+    >>> from scalelab.config import load_config
+    >>> cfg = load_config(None, ["train.batch_size=512", "recipe.optimizer=lars"])
+    >>> cfg.train.batch_size, cfg.recipe.optimizer
+    (512, 'lars')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from scalelab.errors import ConfigError
+
+
+def _f(default, *, choices=None, lo=None, hi=None, lo_open=False, doc=""):
+    """A dataclass field with validation metadata: allowed choices, or a numeric range [lo, hi]."""
+    meta = {"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    name: str = _f("mnist1d", doc="dataset name (see scalelab.data.DATASETS)")
+    n_train: int = _f(0, lo=0, doc="training samples; 0 = the dataset's default")
+    n_test: int = _f(0, lo=0, doc="test samples; 0 = the dataset's default")
+    root: str = _f("", doc="directory of MNIST/Fashion-MNIST/CIFAR-10 files, or the .npz file for 'npz'")
+    cache_dir: str = _f("", doc="cache for generated data; '' = $SCALELAB_CACHE or ~/.cache/scalelab")
+    seed: int = _f(42, lo=0, doc="seed of generated datasets (mnist1d, synthetic)")
+    download: bool = _f(True, doc="download MNIST/CIFAR-10 when missing and the network allows")
+    input_dim: int = _f(32, lo=1, doc="synthetic: input features")
+    num_classes: int = _f(10, lo=2, doc="synthetic: classes")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("cnn1d", doc="model name (see scalelab.models.MODELS)")
+    width: int = _f(64, lo=1, doc="hidden units (mlp) or base channels (cnn, resnet)")
+    depth: int = _f(3, lo=1, doc="hidden layers (mlp) or conv layers (cnn1d, cnn2d)")
+    norm: str = _f("bn", choices=("bn", "ghost", "none"), doc="normalisation layers")
+    ghost_batch: int = _f(32, lo=1, doc="virtual batch size of ghost BN")
+    zero_init_residual: bool = _f(True, doc="zero-init the last BN gamma of each residual block (Goyal)")
+
+
+@dataclass
+class RecipeConfig:
+    optimizer: str = _f("sgd", choices=("sgd", "lars", "lamb", "rmsprop_warmup", "adamw"))
+    base_lr: float = _f(0.1, lo=0.0, lo_open=True, doc="learning rate at base_batch")
+    base_batch: int = _f(256, lo=1, doc="reference batch of base_lr for the scaling rule")
+    scaling: str = _f("linear", choices=("none", "linear", "sqrt"), doc="LR scaling rule")
+    warmup_epochs: float = _f(0.0, lo=0.0, doc="gradual warmup length")
+    warmup_divisor: float = _f(0.0, lo=0.0, doc="warm up from lr/divisor; 0 = Goyal's k = max(1, B/base_batch)")
+    schedule: str = _f("cosine", choices=("constant", "step", "cosine", "poly"), doc="decay after warmup")
+    milestones: list[float] = _f([], doc="step schedule: epochs where the LR is multiplied by gamma")
+    gamma: float = _f(0.1, lo=0.0, lo_open=True, hi=1.0)
+    poly_power: float = _f(2.0, lo=0.0, lo_open=True)
+    final_lr_frac: float = _f(0.0, lo=0.0, hi=1.0, doc="cosine/poly end LR as a fraction of the peak")
+    momentum: float = _f(0.9, lo=0.0, hi=1.0)
+    nesterov: bool = _f(False)
+    weight_decay: float = _f(5e-4, lo=0.0)
+    exclude_bn_bias: bool = _f(True, doc="no weight decay or trust ratio on biases and norm parameters")
+    label_smoothing: float = _f(0.0, lo=0.0, hi=1.0)
+    trust_coef: float = _f(0.001, lo=0.0, lo_open=True, doc="LARS trust coefficient eta")
+    trust_eps: float = _f(0.0, lo=0.0, doc="LARS epsilon in the trust-ratio denominator")
+    betas: list[float] = _f([0.9, 0.999], doc="LAMB/AdamW (beta1, beta2)")
+    eps: float = _f(1e-6, lo=0.0, lo_open=True, doc="LAMB/AdamW/RMSprop epsilon")
+    rms_decay: float = _f(0.99, lo=0.0, hi=1.0, doc="rmsprop_warmup: squared-gradient decay mu2")
+    rms_lr_ratio: float = _f(0.03, lo=0.0, doc="rmsprop_warmup: eta_RMS / eta_SGD")
+    rms_center_epochs: float = _f(10.0, lo=0.0, doc="rmsprop_warmup: beta_c")
+    rms_period_epochs: float = _f(5.0, lo=0.0, lo_open=True, doc="rmsprop_warmup: beta_p")
+    grad_clip: float = _f(0.0, lo=0.0, doc="clip the global gradient norm; 0 = off")
+
+
+@dataclass
+class TrainConfig:
+    name: str = _f("", doc="run name; '' = derived from dataset, model, optimizer and batch")
+    batch_size: int = _f(256, lo=1, doc="global batch B over all workers")
+    epochs: float = _f(10.0, lo=0.0, lo_open=True)
+    max_steps: int = _f(0, lo=0, doc="stop after this many steps; 0 = from epochs")
+    target_acc: float = _f(0.0, lo=0.0, hi=1.0, doc="stop at this test accuracy; 0 = train to the end")
+    eval_every: int = _f(0, lo=0, doc="evaluate every N steps; 0 = every epoch")
+    log_every: int = _f(20, lo=1, doc="log training metrics every N steps")
+    checkpoint_every: int = _f(0, lo=0, doc="checkpoint every N steps; 0 = every epoch")
+    keep_checkpoints: int = _f(3, lo=1)
+    seed: int = _f(0, lo=0)
+    on_nan: str = _f("stop", choices=("stop", "skip"), doc="on a NaN/inf loss: stop the run or skip the step")
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"))
+    threads: int = _f(0, lo=0, doc="torch threads; 0 = all cores")
+    eval_batch: int = _f(4096, lo=1)
+    progress: bool = _f(True, doc="live progress bar")
+
+
+@dataclass
+class ParallelConfig:
+    emulate_workers: int = _f(1, lo=1, doc="emulate K data-parallel workers in one process (BN per worker)")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def run_name(self) -> str:
+        if self.train.name:
+            return self.train.name
+        return f"{self.data.name}-{self.model.name}-{self.recipe.optimizer}-b{self.train.batch_size}"
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "recipe": RecipeConfig, "train": TrainConfig,
+            "parallel": ParallelConfig}
+
+
+def _type_name(tp) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, "a list of numbers")
+
+
+def _coerce(key: str, tp, value):
+    """Check (and where lossless, convert) one value against its annotated type."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):  # from --set: "1,2,3" or "[1, 2, 3]"
+            text = value.strip().strip("[]").strip()
+            value = [v for v in (s.strip() for s in text.split(",")) if v] if text else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(key, item_tp, v) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _check_range(key: str, meta: dict, value) -> None:
+    choices, lo, hi = meta.get("choices"), meta.get("lo"), meta.get("hi")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of: {', '.join(choices)}")
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key}: {v!r} is not a finite number")
+        if lo is not None and (v < lo or (meta.get("lo_open") and v == lo)):
+            bound = f"> {lo}" if meta.get("lo_open") else f">= {lo}"
+            rng = f"{bound} and <= {hi}" if hi is not None else bound
+            raise ConfigError(f"{key}: {v!r} is out of range; allowed: {rng}")
+        if hi is not None and v > hi:
+            raise ConfigError(f"{key}: {v!r} is out of range; allowed: <= {hi}")
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f.metadata) for f in dataclasses.fields(cls)}
+
+
+def apply(cfg: Config, section: str, key: str, value, *, where: str = "") -> None:
+    """Set ``section.key = value`` on ``cfg`` after checking the key, the type and the range."""
+    full = f"{section}.{key}"
+    if section not in SECTIONS:
+        raise ConfigError(f"{where}unknown config section {section!r}; known: {', '.join(SECTIONS)}")
+    fields = _field_types(SECTIONS[section])
+    if key not in fields:
+        raise ConfigError(f"{where}unknown config key {full!r}; keys of [{section}]: {', '.join(fields)}")
+    tp, meta = fields[key]
+    value = _coerce(f"{where}{full}", tp, value)
+    _check_range(f"{where}{full}", meta, value)
+    setattr(getattr(cfg, section), key, value)
+
+
+def _validate_cross(cfg: Config) -> None:
+    """Checks that involve more than one field."""
+    t, p, r = cfg.train, cfg.parallel, cfg.recipe
+    if t.batch_size % p.emulate_workers:
+        raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by parallel.emulate_workers="
+                          f"{p.emulate_workers}; each worker takes B/K samples")
+    if cfg.model.norm == "ghost" and (t.batch_size // p.emulate_workers) % cfg.model.ghost_batch:
+        raise ConfigError(f"model.ghost_batch: {cfg.model.ghost_batch} must divide the per-worker batch "
+                          f"{t.batch_size // p.emulate_workers}")
+    if len(r.betas) != 2 or not all(0.0 <= b < 1.0 for b in r.betas):
+        raise ConfigError(f"recipe.betas: {r.betas!r}; allowed: two numbers in [0, 1)")
+    if r.schedule == "step" and not r.milestones:
+        raise ConfigError("recipe.milestones: the step schedule needs at least one epoch, e.g. [30, 60, 80]")
+    if sorted(r.milestones) != r.milestones:
+        raise ConfigError(f"recipe.milestones: {r.milestones!r} must be increasing")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build and validate a :class:`Config` from an optional TOML file and ``section.key=value`` overrides.
+
+    Raises:
+        ConfigError: on an unreadable file, an unknown section or key, a wrong type or a value out of range.
+    """
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+        for section, table in raw.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key {section!r} must be a [section]; "
+                                  f"known sections: {', '.join(SECTIONS)}")
+            for key, value in table.items():
+                apply(cfg, section, key, value, where=f"{path}: ")
+    for item in overrides or []:
+        lhs, eq, rhs = item.partition("=")
+        section, dot, key = lhs.strip().partition(".")
+        if not eq or not dot or not key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.batch_size=512")
+        apply(cfg, section, key.strip(), rhs.strip())
+    _validate_cross(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as TOML that :func:`load_config` reads back to an equal ``Config``."""
+    Path(path).write_text(tomli_w.dumps(cfg.to_dict()))
+
+
+def from_dict(d: dict[str, dict[str, Any]]) -> Config:
+    """Rebuild a validated ``Config`` from :meth:`Config.to_dict` output (e.g. stored in a checkpoint)."""
+    cfg = Config()
+    for section, table in d.items():
+        for key, value in table.items():
+            apply(cfg, section, key, value)
+    _validate_cross(cfg)
+    return cfg
+
+
+def diff(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Keys ``section.key`` whose values differ between two configs, in declaration order."""
+    out = []
+    da, db = a.to_dict(), b.to_dict()
+    for section in da:
+        for key in da[section]:
+            full = f"{section}.{key}"
+            if full not in ignore and da[section][key] != db[section][key]:
+                out.append(full)
+    return out
+
+
+def describe() -> str:
+    """Every config key with its type, default and allowed values, for ``scalelab config``."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]")
+        for name, (tp, meta) in _field_types(cls).items():
+            default = getattr(cls(), name)
+            allowed = ""
+            if meta.get("choices"):
+                allowed = f"  one of {', '.join(meta['choices'])}"
+            doc = f"  # {meta['doc']}" if meta.get("doc") else ""
+            lines.append(f"{name} = {default!r}{allowed}{doc}")
+        lines.append("")
+    return "\n".join(lines)
+
