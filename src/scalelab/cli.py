@@ -1,0 +1,95 @@
+"""The ``scalelab`` command line: a thin layer over the Python API.
+
+    scalelab train  [--config FILE.toml] [--set section.key=value ...] [--out DIR] [--resume]
+    scalelab report RUN_DIR
+    scalelab config [--config FILE.toml] [--set ...] [--keys]
+
+User errors print one line ``scalelab: error: ...`` and exit with the error's code (2 for bad input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from scalelab.errors import ConfigError, ScalelabError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.toml", help="config file (e.g. a run's config.toml to replay it)")
+    p.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[], dest="overrides",
+                   help="override one config field; repeatable")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="scalelab", description="Deep learning at supercomputer scale, executable.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tr = sub.add_parser("train", help="train a model with a large-batch recipe")
+    _add_config_args(tr)
+    tr.add_argument("--out", metavar="DIR", help="run directory (default runs/<date>-<time>-<name>)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    tr.add_argument("--no-progress", action="store_true", help="no live progress bar")
+
+    rp = sub.add_parser("report", help="print a run's summary and write its plots")
+    rp.add_argument("run_dir", metavar="RUN_DIR")
+
+    cf = sub.add_parser("config", help="print the resolved config, or every key with --keys")
+    _add_config_args(cf)
+    cf.add_argument("--keys", action="store_true", help="list every key with its default and allowed values")
+    return ap
+
+
+def _cmd_train(args) -> int:
+    from scalelab.config import load_config
+    from scalelab.train import default_out_dir, print_summary, train
+
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out DIR, the run directory to continue")
+    config_path = args.config
+    if args.resume and config_path is None and (Path(args.out) / "config.toml").exists():
+        config_path = Path(args.out) / "config.toml"
+    overrides = list(args.overrides) + (["train.progress=false"] if args.no_progress else [])
+    cfg = load_config(config_path, overrides)
+    out = Path(args.out) if args.out else default_out_dir(cfg)
+    try:
+        summary = train(cfg, out, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"\nscalelab: interrupted; continue with: scalelab train --out {out} --resume", file=sys.stderr)
+        return 130
+    print_summary(summary)
+    print(f"run directory: {out}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from scalelab.lab.report import report_run
+
+    print(report_run(Path(args.run_dir)))
+    return 0
+
+
+def _cmd_config(args) -> int:
+    import tomli_w
+
+    from scalelab.config import describe, load_config
+
+    if args.keys:
+        print(describe())
+    else:
+        print(tomli_w.dumps(load_config(args.config, args.overrides).to_dict()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"train": _cmd_train, "report": _cmd_report, "config": _cmd_config}[args.command](args)
+    except ScalelabError as e:
+        print(f"scalelab: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
