@@ -71,12 +71,17 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
             os.fsync(f.fileno())
         os.replace(tmp, final)
         _fsync_dir(directory)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer turns a write error (ENOSPC...) into a RuntimeError; report the OS error under it
+        cause = e
+        while not isinstance(cause, OSError) and cause.__context__ is not None:
+            cause = cause.__context__
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
         tmp.unlink(missing_ok=True)
         previous = [p.name for s, p in list_checkpoints(directory) if s != step]
         kept = f"the last good checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"could not write the checkpoint of step {step} in {directory}: "
-                              f"{e.strerror or e}; {kept}") from None
+                              f"{reason}; {kept}") from None
     for _, old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
     for stale in directory.glob(".ckpt-*.tmp-*"):  # left by a run killed mid-write

@@ -51,8 +51,8 @@ class CNN1d(nn.Module):
                        make_norm(norm, width, ghost_batch), nn.ReLU(inplace=True)]
             c, n = width, conv_out_size(n, kernel_size, s, pad)
             if n < 1:
-                raise ConfigError(f"model cnn1d: inputs of length {length} shrink to nothing after {i} blocks "
-                                  f"(kernel {kernel_size}, stride {stride} every {stride_every})")
+                raise ConfigError(f"model cnn1d: inputs of length {length} shrink to nothing after {i} "
+                                  f"blocks (kernel {kernel_size}, stride {stride} every {stride_every})")
         self.features = nn.Sequential(*layers)
         self.flat_features = c * n
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(self.flat_features, num_classes))

@@ -30,7 +30,7 @@ def init_weights(model: nn.Module) -> None:
 
 
 class MLP(nn.Module):
-    """Flatten, then ``depth`` hidden layers Linear -> norm -> ReLU of ``width`` units, then a linear classifier.
+    """Flatten, ``depth`` hidden layers Linear -> norm -> ReLU of ``width`` units, then a linear classifier.
 
     Args:
         in_features: number of input values per sample (the product of the input shape).

@@ -1,4 +1,5 @@
-"""Model registry: ``MODELS`` maps a name to a builder ``(ModelConfig, input_shape, num_classes) -> nn.Module``.
+"""Model registry: ``MODELS`` maps a name to a builder
+``(ModelConfig, input_shape, num_classes) -> nn.Module``.
 
 Builders check that the dataset's per-sample ``input_shape`` suits the model (e.g. ``cnn1d`` needs (C, L)) and
 raise :class:`~scalelab.errors.ConfigError` with both shapes otherwise, before any weights are allocated.
@@ -28,7 +29,8 @@ Builder = Callable[[ModelConfig, tuple[int, ...], int], nn.Module]
 
 def _expect(cfg: ModelConfig, input_shape: tuple[int, ...], rank: int, layout: str) -> tuple[int, ...]:
     if len(input_shape) != rank:
-        raise ConfigError(f"model {cfg.name} needs inputs of shape {layout}; dataset gives {tuple(input_shape)}")
+        raise ConfigError(f"model {cfg.name} needs inputs of shape {layout}; "
+                          f"dataset gives {tuple(input_shape)}")
     return input_shape
 
 

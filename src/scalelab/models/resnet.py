@@ -1,4 +1,5 @@
-"""Residual networks (He, Zhang, Ren & Sun 2016, "Deep Residual Learning for Image Recognition", arXiv 1512.03385).
+"""Residual networks (He, Zhang, Ren & Sun 2016, "Deep Residual Learning for Image Recognition",
+arXiv 1512.03385).
 
 Two families, written from the paper:
 
@@ -6,16 +7,17 @@ Two families, written from the paper:
   depth 6n + 2: ``resnet20`` (n = 3, ~0.27M parameters) and ``resnet56`` (n = 9, ~0.85M). Where the shape
   changes we use the projection shortcut (option B: 1x1 conv + norm) rather than the paper's zero-padding
   option A, which adds ~2.8k parameters.
-* ImageNet style (Table 1): a 7x7 stride-2 stem and 3x3 stride-2 max-pool, then four stages with 64/128/256/512
-  channels: ``resnet18`` (basic blocks [2, 2, 2, 2], ~11.7M parameters with 1000 classes) and ``resnet50``
-  (bottleneck blocks [3, 4, 6, 3], expansion 4, ~25.6M). The bottleneck strides on its 3x3 convolution (the
-  common "v1.5" variant) rather than on the first 1x1, which discards three quarters of its input. Small inputs
-  such as 32x32 still work: the stem brings them to 8x8 and the last stage to 1x1 before global pooling.
+* ImageNet style (Table 1): a 7x7 stride-2 stem and 3x3 stride-2 max-pool, then four stages with
+  64/128/256/512 channels: ``resnet18`` (basic blocks [2, 2, 2, 2], ~11.7M parameters with 1000 classes)
+  and ``resnet50`` (bottleneck blocks [3, 4, 6, 3], expansion 4, ~25.6M). The bottleneck strides on its 3x3
+  convolution (the common "v1.5" variant) rather than on the first 1x1, which discards three quarters of its
+  input. Small inputs such as 32x32 still work: the stem brings them to 8x8 and the last stage to 1x1 before
+  global pooling.
 
 The channel counts scale with ``model.width`` (its value is the first stage's channels: 16 for the CIFAR nets,
 64 for the ImageNet nets). ``zero_init_residual`` zero-initialises the gamma of the last norm layer of each
-residual block, so every block starts as the identity (Goyal et al. 2017, arXiv 1706.02677, Section 5.1), which
-eases optimisation at the start of large-batch training.
+residual block, so every block starts as the identity (Goyal et al. 2017, arXiv 1706.02677, Section 5.1),
+which eases optimisation at the start of large-batch training.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, c_in: int, planes: int, stride: int = 1, norm: str = "bn", ghost_batch: int = 32) -> None:
+    def __init__(self, c_in: int, planes: int, stride: int = 1, norm: str = "bn",
+                 ghost_batch: int = 32) -> None:
         super().__init__()
         self.conv1 = _conv(c_in, planes, 3, stride, norm)
         self.norm1 = make_norm(norm, planes, ghost_batch)
@@ -68,7 +71,8 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, c_in: int, planes: int, stride: int = 1, norm: str = "bn", ghost_batch: int = 32) -> None:
+    def __init__(self, c_in: int, planes: int, stride: int = 1, norm: str = "bn",
+                 ghost_batch: int = 32) -> None:
         super().__init__()
         c_out = planes * self.expansion
         self.conv1 = _conv(c_in, planes, 1, 1, norm)
@@ -93,7 +97,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A stem, stages of residual blocks (channels doubling, stride 2 at each new stage), GAP and a linear head.
+    """A stem, stages of residual blocks (channels doubling, stride 2 per new stage), GAP and a linear head.
 
     Args:
         block: :class:`BasicBlock` or :class:`Bottleneck`.

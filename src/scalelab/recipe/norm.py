@@ -1,4 +1,5 @@
-"""Normalisation layers: one BatchNorm for every layout, with ghost batches and emulated data-parallel workers.
+"""Normalisation layers: one BatchNorm for every layout, with ghost batches and emulated data-parallel
+workers.
 
 Batch normalisation (Ioffe & Szegedy 2015, arXiv 1502.03167) normalises each channel with statistics of the
 current batch. In data-parallel training every worker normalises with the statistics of *its own* share of the
@@ -12,8 +13,8 @@ global batch, so the effective "BN batch" is B/K, not B. Large-batch studies dep
   with :func:`set_emulated_workers`.
 * Cross-replica BN (Ying et al. 2018, arXiv 1811.06992) goes the other way and pools the statistics of several
   workers. That is not implemented here, but the statistics are computed from per-group
-  ``(sum, sum of squares, count)`` in :func:`group_sums` / :func:`moments_from_sums` precisely because those are
-  the quantities an all-reduce over a process group would combine.
+  ``(sum, sum of squares, count)`` in :func:`group_sums` / :func:`moments_from_sums` precisely because those
+  are the quantities an all-reduce over a process group would combine.
 
 Example:
     >>> import torch
@@ -33,51 +34,58 @@ from scalelab.errors import ConfigError, unknown_name
 NORMS = ("bn", "ghost", "none")
 
 
-def group_sums(x: Tensor, groups: int) -> tuple[Tensor, Tensor, int]:
-    """Per-group, per-channel sum and sum of squares of ``x`` split into contiguous groups along the batch.
+def group_sums(x: Tensor, groups: int, shift: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+    """Per-group, per-channel sums of ``x - shift`` and of its squares, over contiguous groups of the batch.
 
     Args:
         x: input of shape (N, C, *spatial); N must be divisible by ``groups``.
         groups: number of contiguous groups G along dim 0.
+        shift: per-channel constant (C,) subtracted first; ``None`` for zero. Subtracting a value close to the
+            mean (e.g. the detached batch mean) avoids the cancellation of the one-pass variance formula
+            E[x^2] - E[x]^2 when |mean| >> std; the variance is shift-invariant and, the shift being a
+            constant, so are the gradients.
 
     Returns:
         ``(s, ss, count)``: ``s`` and ``ss`` of shape (G, C), and the number of values per group and channel.
         These are additive over disjoint sets of samples, so a cross-replica BN can all-reduce them (sum over
-        workers) before calling :func:`moments_from_sums`.
+        workers, who must then use a common shift) before calling :func:`moments_from_sums`.
     """
     n, c = x.shape[0], x.shape[1]
+    # Accumulate half-precision inputs in float32: sums of squares overflow/underflow easily in fp16.
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    if shift is not None:
+        x = x - shift.reshape((1, c) + (1,) * (x.dim() - 2))
     xg = x.reshape(groups, n // groups, c, *x.shape[2:])
     dims = (1, *range(3, xg.dim()))  # everything but group and channel
-    # Accumulate half-precision inputs in float32: sums of squares overflow/underflow easily in fp16.
-    xg = xg.to(torch.promote_types(x.dtype, torch.float32))
     count = (n // groups) * xg[0, 0, 0].numel()
     return xg.sum(dims), (xg * xg).sum(dims), count
 
 
-def moments_from_sums(s: Tensor, ss: Tensor, count: int) -> tuple[Tensor, Tensor]:
+def moments_from_sums(s: Tensor, ss: Tensor, count: int,
+                      shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Mean and biased variance from :func:`group_sums` output (possibly already all-reduced).
 
-    The one-pass formula E[x^2] - E[x]^2 can cancel when |mean| >> std; it is clamped at zero. For the
-    activations BN sees (roughly zero-mean after the previous normalisation) float32 accumulation is plenty.
+    ``shift`` must be the one given to :func:`group_sums`. The variance is clamped at zero against rounding.
     """
-    mean = s / count
-    var = (ss / count - mean * mean).clamp_min(0.0)
-    return mean, var
+    d = s / count  # mean of x - shift
+    var = (ss / count - d * d).clamp_min(0.0)
+    return (d if shift is None else d + shift), var
 
 
 class BatchNorm(nn.Module):
-    """Batch normalisation for (N, C), (N, C, L) and (N, C, H, W) inputs, with ghost batches and emulated workers.
+    """Batch normalisation of (N, C), (N, C, L) and (N, C, H, W) inputs, with ghost BN and emulated workers.
 
     In training mode the batch of N samples is split into ``splits`` equal contiguous chunks (one per emulated
-    worker) and, if ``ghost_batch`` is set, every chunk further into contiguous ghost batches of ``ghost_batch``
-    samples (Hoffer et al. 2017). Each group is normalised with its own mean and biased variance; the affine
-    parameters are shared. With a single group the layer calls ``F.batch_norm`` exactly as ``nn.BatchNorm*d``
-    does, so it is bit-identical to it. In eval mode the running statistics are used.
+    worker) and, if ``ghost_batch`` is set, every chunk further into contiguous ghost batches of
+    ``ghost_batch`` samples (Hoffer et al. 2017). Each group is normalised with its own mean and biased
+    variance; the affine parameters are shared. With a single group the layer calls ``F.batch_norm`` exactly
+    as ``nn.BatchNorm*d`` does, so it is bit-identical to it. In eval mode the running statistics are used.
 
     The running statistics receive one EMA update per group, in batch order, as in Hoffer et al.'s
     implementation (sequential updates per ghost batch), but in closed form: after G updates with momentum m,
-    ``r <- (1-m)^G r + sum_i m (1-m)^(G-1-i) s_i``. The running variance uses the unbiased group variance, like
-    PyTorch. ``num_batches_tracked`` counts forward calls. The state dict has the keys of ``nn.BatchNorm*d``.
+    ``r <- (1-m)^G r + sum_i m (1-m)^(G-1-i) s_i``. The running variance uses the unbiased group variance,
+    like PyTorch. ``num_batches_tracked`` counts forward calls. The state dict has the keys of
+    ``nn.BatchNorm*d``.
 
     Args:
         num_features: channels C.
@@ -116,8 +124,8 @@ class BatchNorm(nn.Module):
         nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, ghost_batch={self.ghost_batch}, "
-                f"splits={self.splits}")
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"ghost_batch={self.ghost_batch}, splits={self.splits}")
 
     def num_groups(self, n: int) -> int:
         """Number of normalisation groups for a training batch of ``n`` samples.
@@ -132,8 +140,8 @@ class BatchNorm(nn.Module):
         if self.ghost_batch is None or self.ghost_batch >= chunk:
             return self.splits
         if chunk % self.ghost_batch:
-            raise ConfigError(f"BatchNorm: ghost_batch {self.ghost_batch} does not divide the per-worker batch "
-                              f"of {chunk} samples (batch {n}, {self.splits} workers)")
+            raise ConfigError(f"BatchNorm: ghost_batch {self.ghost_batch} does not divide the per-worker "
+                              f"batch of {chunk} samples (batch {n}, {self.splits} workers)")
         return n // self.ghost_batch
 
     def forward(self, x: Tensor) -> Tensor:
@@ -153,19 +161,21 @@ class BatchNorm(nn.Module):
 
     def _grouped(self, x: Tensor, groups: int) -> Tensor:
         """Normalise ``groups`` contiguous groups at once: reshape to (G, N/G, C, *) and reduce, no loop."""
-        s, ss, count = group_sums(x, groups)
+        # Shift by the detached whole-batch mean: group means sit close to it, so little cancellation.
+        shift = x.detach().mean((0, *range(2, x.dim()))).to(torch.promote_types(x.dtype, torch.float32))
+        s, ss, count = group_sums(x, groups, shift)
         if count < 2:
             raise ConfigError(f"BatchNorm: groups of {x.shape[0] // groups} sample(s) of shape "
                               f"{tuple(x.shape[1:])} have one value per channel; the variance is undefined "
                               f"(ghost batch or per-worker batch too small)")
-        mean, var = moments_from_sums(s, ss, count)
+        mean, var = moments_from_sums(s, ss, count, shift)
         self._update_running(mean.detach(), var.detach() * (count / (count - 1)))
-        # y = (x - mean) * invstd * gamma + beta, folded into one scale and shift per (group, channel).
-        scale = torch.rsqrt(var + self.eps) * self.weight
-        shift = self.bias - mean * scale
+        # y = (x - mean) * (invstd * gamma) + beta. Subtracting the mean first (rather than folding it into
+        # the offset, beta - mean * scale) avoids cancellation when |mean| >> std.
         view = (groups, 1, self.num_features) + (1,) * (x.dim() - 2)
+        scale = (torch.rsqrt(var + self.eps) * self.weight).reshape(view)
         xg = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
-        y = torch.addcmul(shift.reshape(view), xg, scale.reshape(view))
+        y = torch.addcmul(self.bias.reshape(view[1:]), xg - mean.reshape(view), scale)
         return y.reshape(x.shape).to(x.dtype)
 
     @torch.no_grad()
@@ -195,7 +205,7 @@ def make_norm(kind: str, num_features: int, ghost_batch: int) -> nn.Module:
 
 
 def set_emulated_workers(model: nn.Module, k: int) -> None:
-    """Make every :class:`BatchNorm` in ``model`` normalise each of ``k`` contiguous batch chunks separately."""
+    """Make every :class:`BatchNorm` in ``model`` normalise each of ``k`` contiguous batch chunks apart."""
     if k < 1:
         raise ConfigError(f"parallel.emulate_workers: {k} must be >= 1")
     for module in model.modules():

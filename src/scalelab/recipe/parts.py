@@ -1,13 +1,14 @@
 """Functional building blocks the scalelab optimizers are written with.
 
-Each optimizer in :mod:`scalelab.recipe` is a ``torch.optim.Optimizer`` whose ``step`` is a short composition of
-the functions below, in the spirit of optax's ``chain``: LARS is decayed weights + a trust ratio + momentum with
-correction, LAMB is Adam moments + decayed weights + the same trust ratio, AdamW is Adam moments + decoupled decay.
-Sharing the parts keeps the optimizers from drifting apart and makes each one testable against its paper.
+Each optimizer in :mod:`scalelab.recipe` is a ``torch.optim.Optimizer`` whose ``step`` is a short composition
+of the functions below, in the spirit of optax's ``chain``: LARS is decayed weights + a trust ratio + momentum
+with correction, LAMB is Adam moments + decayed weights + the same trust ratio, AdamW is Adam moments +
+decoupled decay. Sharing the parts keeps the optimizers from drifting apart and makes each one testable
+against its paper.
 
 Conventions: functions ending in ``_`` update their first argument in place and return it; the others return a
-new tensor. Everything stays on the parameter's device and dtype, and nothing calls ``.item()``, so a step never
-waits for the device (the trust-ratio branches are ``torch.where``, not Python ``if``).
+new tensor. Everything stays on the parameter's device and dtype, and nothing calls ``.item()``, so a step
+never waits for the device (the trust-ratio branches are ``torch.where``, not Python ``if``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 
-# ---- weight decay -------------------------------------------------------------------------------------------
+# ---- weight decay ------------------------------------------------------------------------------------------
 
 def add_decayed_weights(update: Tensor, param: Tensor, weight_decay: float) -> Tensor:
     """``update + weight_decay * param``: L2 ("coupled") decay added to a gradient or an update direction.
@@ -45,13 +46,13 @@ def add_decayed_weights(update: Tensor, param: Tensor, weight_decay: float) -> T
 
 
 def decay_weights_(param: Tensor, lr: float, weight_decay: float) -> Tensor:
-    """Decoupled decay ``w <- (1 - lr * weight_decay) * w`` (Loshchilov & Hutter, arXiv 1711.05101), in place."""
+    """Decoupled decay ``w <- (1 - lr * weight_decay) * w``, in place (Loshchilov & Hutter, 1711.05101)."""
     if weight_decay:
         param.mul_(1.0 - lr * weight_decay)
     return param
 
 
-# ---- trust ratio (LARS, LAMB) -------------------------------------------------------------------------------
+# ---- trust ratio (LARS, LAMB) ------------------------------------------------------------------------------
 
 def trust_ratio(param_norm: Tensor, update_norm: Tensor, coef: float = 1.0,
                 denominator: Tensor | None = None) -> Tensor:
@@ -75,7 +76,7 @@ def trust_ratio(param_norm: Tensor, update_norm: Tensor, coef: float = 1.0,
     return torch.where(ok, coef * param_norm / denominator, torch.ones_like(param_norm))
 
 
-# ---- momentum with Goyal's correction (SGD, LARS) -----------------------------------------------------------
+# ---- momentum with Goyal's correction (SGD, LARS) ----------------------------------------------------------
 
 def lr_ratio(lr: float, prev_lr: float | None, correction: bool = True) -> float:
     """Goyal et al.'s momentum correction factor ``lr_t / lr_{t-1}`` (arXiv 1706.02677, section 2.1).
@@ -92,13 +93,13 @@ def momentum_(velocity: Tensor, step: Tensor, momentum: float, ratio: float = 1.
     """Heavy-ball velocity with the LR inside: ``v <- momentum * ratio * v + step``, in place.
 
     ``step`` already includes the learning rate (``lr * (g + wd * w)`` for SGD, ``lr * local * (...)`` for
-    LARS), and ``ratio`` is :func:`lr_ratio`, which keeps ``v = lr * u`` for the reference form ``u <- m u + g``
-    under any LR schedule.
+    LARS), and ``ratio`` is :func:`lr_ratio`, which keeps ``v = lr * u`` for the reference form
+    ``u <- m u + g`` under any LR schedule.
     """
     return velocity.mul_(momentum * ratio).add_(step)
 
 
-# ---- Adam moments (LAMB, AdamW) -----------------------------------------------------------------------------
+# ---- Adam moments (LAMB, AdamW) ----------------------------------------------------------------------------
 
 def ema_(avg: Tensor, x: Tensor, beta: float) -> Tensor:
     """Exponential moving average ``avg <- beta * avg + (1 - beta) * x``, in place (Adam's first moment)."""
@@ -114,8 +115,8 @@ def adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, step: int, beta1: float,
                    bias_correction: bool = True) -> Tensor:
     """Adam's update direction ``r = m_hat / (sqrt(v_hat) + eps)`` (Kingma & Ba, arXiv 1412.6980).
 
-    ``step`` is the 1-based count of moment updates; with ``bias_correction`` ``m_hat = m / (1 - beta1**step)``
-    and ``v_hat = v / (1 - beta2**step)``, otherwise the raw moments are used.
+    ``step`` is the 1-based count of moment updates; with ``bias_correction``
+    ``m_hat = m / (1 - beta1**step)`` and ``v_hat = v / (1 - beta2**step)``; otherwise the raw moments.
     """
     if bias_correction:
         bc1 = 1.0 - beta1 ** step
@@ -124,10 +125,10 @@ def adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, step: int, beta1: float,
     return exp_avg / exp_avg_sq.sqrt().add_(eps)
 
 
-# ---- bookkeeping --------------------------------------------------------------------------------------------
+# ---- bookkeeping -------------------------------------------------------------------------------------------
 
 def params_with_grads(group: dict[str, Any], name: str) -> Iterator[tuple[Tensor, Tensor]]:
-    """``(param, grad)`` for the parameters of a group that have a gradient; ``None`` gradients are skipped."""
+    """``(param, grad)`` for the parameters of a group that have a gradient; ``None`` grads are skipped."""
     for p in group["params"]:
         if p.grad is None:
             continue
@@ -145,7 +146,7 @@ def ensure_state(state: dict[str, Any], param: Tensor, *names: str) -> dict[str,
 
 
 def run_closure(closure) -> Tensor | None:
-    """Re-evaluate the loss with gradients enabled, as ``Optimizer.step(closure)`` requires; None without one."""
+    """The closure's loss, evaluated with gradients enabled (as ``Optimizer.step`` requires), or None."""
     if closure is None:
         return None
     with torch.enable_grad():

@@ -19,8 +19,8 @@ class SGD(torch.optim.Optimizer):
 
     With ``momentum_correction=True`` the velocity stays ``v = lr_t * u`` for the reference form
     ``u <- m u + d, w <- w - lr_t u`` used by ``torch.optim.SGD``, so both give the same iterates under any
-    LR schedule (up to rounding), including the Nesterov variant. With it off (ratio 1), a change of the LR only
-    reaches the velocity gradually, which is what Goyal et al. warn about for large jumps in the LR.
+    LR schedule (up to rounding), including the Nesterov variant. With it off (ratio 1), a change of the LR
+    only reaches the velocity gradually, which is what Goyal et al. warn about for large jumps in the LR.
     The LR of the previous step is kept per parameter in the optimizer state, so resuming is exact.
 
     Args:
