@@ -152,3 +152,14 @@ def test_mlp_accepts_any_shape():
 def test_unknown_name():
     with pytest.raises(ConfigError, match="unknown model 'vgg16'; known: cnn1d, cnn2d, mlp, resnet18"):
         build_model(ModelConfig(name="vgg16"), (3, 32, 32), 10)
+
+
+def test_zero_width_and_depth_mean_the_model_default():
+    from scalelab.models.registry import DEFAULT_DIMS
+
+    r20 = count_parameters(build_model(ModelConfig(name="resnet20"), (3, 32, 32), 10))
+    assert r20 == count_parameters(build_model(ModelConfig(name="resnet20", width=16), (3, 32, 32), 10))
+    width, depth = DEFAULT_DIMS["cnn1d"]
+    a = build_model(ModelConfig(name="cnn1d"), (1, 40), 10)
+    b = build_model(ModelConfig(name="cnn1d", width=width, depth=depth), (1, 40), 10)
+    assert count_parameters(a) == count_parameters(b)

@@ -85,10 +85,10 @@ def test_cosine_schedule():
 
 def test_poly_schedule():
     # You et al.: peak (1 - p)^2, peak 2, no warm-up, 100 steps
-    sched = build_schedule(recipe(base_lr=2.0, schedule="poly", poly_power=2.0), 256, 10, 100)
+    sched = build_schedule(recipe(base_lr=2.0, schedule="poly", poly_power=2.0, warmup_epochs=0), 256, 10, 100)
     assert [sched(t) for t in (0, 50, 90, 100)] == pytest.approx([2.0, 0.5, 0.02, 0.0])
     # power 1 with a floor: final + (peak - final) (1 - p), final = 0.5 * 2
-    cfg = recipe(base_lr=2.0, schedule="poly", poly_power=1.0, final_lr_frac=0.5)
+    cfg = recipe(base_lr=2.0, schedule="poly", poly_power=1.0, final_lr_frac=0.5, warmup_epochs=0)
     sched = build_schedule(cfg, 256, 10, 100)
     assert sched(50) == pytest.approx(1.5)
 

@@ -51,8 +51,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = _f("cnn1d", doc="model name (see scalelab.models.MODELS)")
-    width: int = _f(64, lo=1, doc="hidden units (mlp) or base channels (cnn, resnet)")
-    depth: int = _f(3, lo=1, doc="hidden layers (mlp) or conv layers (cnn1d, cnn2d)")
+    width: int = _f(0, lo=0, doc="hidden units (mlp) or first-stage channels; 0 = the model's default")
+    depth: int = _f(0, lo=0, doc="hidden layers (mlp) or conv blocks (cnn1d, cnn2d); 0 = the model's default")
     norm: str = _f("bn", choices=("bn", "ghost", "none"), doc="normalisation layers")
     ghost_batch: int = _f(32, lo=1, doc="virtual batch size of ghost BN")
     zero_init_residual: bool = _f(True, doc="zero-init the last BN gamma of each residual block (Goyal)")
@@ -61,10 +61,10 @@ class ModelConfig:
 @dataclass
 class RecipeConfig:
     optimizer: str = _f("sgd", choices=("sgd", "lars", "lamb", "rmsprop_warmup", "adamw"))
-    base_lr: float = _f(0.1, lo=0.0, lo_open=True, doc="learning rate at base_batch")
+    base_lr: float = _f(0.2, lo=0.0, lo_open=True, doc="learning rate at base_batch")
     base_batch: int = _f(256, lo=1, doc="reference batch of base_lr for the scaling rule")
     scaling: str = _f("linear", choices=("none", "linear", "sqrt"), doc="LR scaling rule")
-    warmup_epochs: float = _f(0.0, lo=0.0, doc="gradual warmup length")
+    warmup_epochs: float = _f(1.0, lo=0.0, doc="gradual warmup length")
     warmup_divisor: float = _f(0.0, lo=0.0, doc="warm up from lr/divisor; 0 = Goyal's k = max(1, B/base_batch)")
     schedule: str = _f("cosine", choices=("constant", "step", "cosine", "poly"), doc="decay after warmup")
     milestones: list[float] = _f([], doc="step schedule: epochs where the LR is multiplied by gamma")
@@ -72,7 +72,7 @@ class RecipeConfig:
     poly_power: float = _f(2.0, lo=0.0, lo_open=True)
     final_lr_frac: float = _f(0.0, lo=0.0, hi=1.0, doc="cosine/poly end LR as a fraction of the peak")
     momentum: float = _f(0.9, lo=0.0, hi=1.0)
-    nesterov: bool = _f(False)
+    nesterov: bool = _f(True)
     weight_decay: float = _f(5e-4, lo=0.0)
     exclude_bn_bias: bool = _f(True, doc="no weight decay or trust ratio on biases and norm parameters")
     label_smoothing: float = _f(0.0, lo=0.0, hi=1.0)
@@ -225,6 +225,9 @@ def _validate_cross(cfg: Config) -> None:
         raise ConfigError(f"recipe.betas: {r.betas!r}; allowed: two numbers in [0, 1)")
     if r.schedule == "step" and not r.milestones:
         raise ConfigError("recipe.milestones: the step schedule needs at least one epoch, e.g. [30, 60, 80]")
+    if r.nesterov and r.momentum == 0 and r.optimizer == "sgd":
+        raise ConfigError("recipe.nesterov: Nesterov momentum needs recipe.momentum > 0; "
+                          "set recipe.nesterov=false for plain SGD")
     if sorted(r.milestones) != r.milestones:
         raise ConfigError(f"recipe.milestones: {r.milestones!r} must be increasing")
 

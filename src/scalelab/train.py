@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from scalelab import checkpoint as ckpt
 from scalelab.config import Config, save_config
-from scalelab.data import Dataset, batch_indices, epoch_order, load_dataset, steps_per_epoch
-from scalelab.errors import ConfigError, DivergenceError
-from scalelab.models import build_model
+from scalelab.data import DATASETS, Dataset, batch_indices, epoch_order, load_dataset, steps_per_epoch
+from scalelab.errors import ConfigError, DataError, DivergenceError, unknown_name
+from scalelab.models import MODELS, build_model
 from scalelab.recipe import build_optimizer, build_schedule
 from scalelab.recipe.norm import set_emulated_workers
 from scalelab.track import Progress, Tracker, summary_table
@@ -80,6 +80,14 @@ def params_sha256(model: torch.nn.Module) -> str:
 def default_out_dir(cfg: Config) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{cfg.run_name()}"
+
+
+def check_names(cfg: Config) -> None:
+    """Registry names are checked before any work (no data generated, no directory created)."""
+    if cfg.data.name not in DATASETS:
+        raise DataError(unknown_name("dataset", cfg.data.name, DATASETS))
+    if cfg.model.name not in MODELS:
+        raise ConfigError(unknown_name("model", cfg.model.name, MODELS))
 
 
 def _device(cfg: Config) -> torch.device:
@@ -153,10 +161,11 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         wall0 = time.perf_counter()
+        check_names(cfg)
+        device = _device(cfg)
         if t.threads:
             torch.set_num_threads(t.threads)
         resume_state = self._prepare_out()
-        device = _device(cfg)
 
         data = self._data or load_dataset(cfg.data)
         x_train, y_train = data.x_train.to(device), data.y_train.to(device)
@@ -170,7 +179,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
         set_emulated_workers(model, cfg.parallel.emulate_workers)
-        opt = build_optimizer(cfg.recipe, model, spe)
+        opt = build_optimizer(cfg.recipe, model, spe, global_batch=B)
         sched = build_schedule(cfg.recipe, B, spe, total)
 
         c = Counters()

@@ -34,25 +34,42 @@ def _expect(cfg: ModelConfig, input_shape: tuple[int, ...], rank: int, layout: s
     return input_shape
 
 
+# (width, depth) each model uses when the config leaves them at 0. cnn1d's 32 x 4 reaches 99% on MNIST-1D
+# in about ten seconds on two cores; the ResNets' widths are their papers' (16 for CIFAR, 64 for ImageNet).
+DEFAULT_DIMS: dict[str, tuple[int, int]] = {
+    "mlp": (256, 2), "cnn1d": (32, 4), "cnn2d": (32, 4),
+    "resnet20": (16, 0), "resnet56": (16, 0), "resnet18": (64, 0), "resnet50": (64, 0),
+}
+
+
+def dims(cfg: ModelConfig) -> tuple[int, int]:
+    """The (width, depth) of ``cfg``, with 0 replaced by the model's default."""
+    width, depth = DEFAULT_DIMS[cfg.name]
+    return cfg.width or width, cfg.depth or depth
+
+
 def _mlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    return MLP(math.prod(input_shape), num_classes, cfg.width, cfg.depth, cfg.norm, cfg.ghost_batch)
+    width, depth = dims(cfg)
+    return MLP(math.prod(input_shape), num_classes, width, depth, cfg.norm, cfg.ghost_batch)
 
 
 def _cnn1d(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     c, length = _expect(cfg, input_shape, 2, "(C, L)")
-    return CNN1d(c, length, num_classes, cfg.width, cfg.depth, cfg.norm, cfg.ghost_batch)
+    width, depth = dims(cfg)
+    return CNN1d(c, length, num_classes, width, depth, cfg.norm, cfg.ghost_batch)
 
 
 def _cnn2d(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     c, h, w = _expect(cfg, input_shape, 3, "(C, H, W)")
-    return CNN2d(c, h, w, num_classes, cfg.width, cfg.depth, cfg.norm, cfg.ghost_batch)
+    width, depth = dims(cfg)
+    return CNN2d(c, h, w, num_classes, width, depth, cfg.norm, cfg.ghost_batch)
 
 
 def _resnet(block: type[BasicBlock] | type[Bottleneck], layers: list[int], stem: str) -> Builder:
     def build(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         c, _, _ = _expect(cfg, input_shape, 3, "(C, H, W)")
         # model.width is the first stage's channels: 16/16 = 1x for the CIFAR nets, 64/64 = 1x for ImageNet's.
-        return ResNet(block, layers, c, num_classes, base_channels=cfg.width, stem=stem, norm=cfg.norm,
+        return ResNet(block, layers, c, num_classes, base_channels=dims(cfg)[0], stem=stem, norm=cfg.norm,
                       ghost_batch=cfg.ghost_batch, zero_init_residual=cfg.zero_init_residual)
     return build
 
