@@ -10,10 +10,15 @@ User errors print one line ``scalelab: error: ...`` and exit with the error's co
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 from scalelab.errors import ConfigError, ScalelabError
+
+
+# (command, module, help): subcommands implemented next to their subsystem.
+EXTERNAL_COMMANDS: list[tuple[str, str, str]] = []
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -31,13 +36,23 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", metavar="DIR", help="run directory (default runs/<date>-<time>-<name>)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    tr.set_defaults(run=_cmd_train)
 
     rp = sub.add_parser("report", help="print a run's summary and write its plots")
     rp.add_argument("run_dir", metavar="RUN_DIR")
+    rp.set_defaults(run=_cmd_report)
 
     cf = sub.add_parser("config", help="print the resolved config, or every key with --keys")
     _add_config_args(cf)
     cf.add_argument("--keys", action="store_true", help="list every key with its default and allowed values")
+    cf.set_defaults(run=_cmd_config)
+
+    # Commands that live with their subsystem: each module has add_arguments(parser) and run(args) -> int.
+    for name, module, help_text in EXTERNAL_COMMANDS:
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text, description=mod.__doc__.split("\n\n")[0] if mod.__doc__ else None)
+        mod.add_arguments(p)
+        p.set_defaults(run=mod.run)
     return ap
 
 
@@ -85,7 +100,7 @@ def _cmd_config(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _cmd_train, "report": _cmd_report, "config": _cmd_config}[args.command](args)
+        return args.run(args)
     except ScalelabError as e:
         print(f"scalelab: error: {e}", file=sys.stderr)
         return e.exit_code
