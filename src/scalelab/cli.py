@@ -18,7 +18,9 @@ from scalelab.errors import ConfigError, ScalelabError
 
 
 # (command, module, help): subcommands implemented next to their subsystem.
-EXTERNAL_COMMANDS: list[tuple[str, str, str]] = []
+EXTERNAL_COMMANDS: list[tuple[str, str, str]] = [
+    ("project", "scalelab.perf.cli", "predict time-to-train on other hardware"),
+]
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

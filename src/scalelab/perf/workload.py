@@ -1,0 +1,197 @@
+"""Workload description counted from the real PyTorch model: FLOPs, bytes moved and parameters per sample.
+
+The model is built on the ``meta`` device (shapes only, no memory, no arithmetic) and one forward and backward
+pass runs under :class:`torch.utils.flop_counter.FlopCounterMode` and a byte-counting dispatch mode.
+
+Conventions (be careful when comparing with papers):
+
+* FLOPs: FlopCounterMode counts a multiply-add as **2** FLOPs. ResNet-50 at 224x224 is "4.1 GFLOPs" in He et
+  al. 2016 (Table 1), which counts multiply-adds; here its forward is ~8.2e9 FLOPs and forward + backward
+  ~24.3e9 (backward ~2x forward: gradients of inputs and of weights; the stem has no input gradient).
+  Only matmuls and convolutions are counted; elementwise work is left to the memory term.
+* Bytes (counted at batches 2 and 4 and split into a per-sample part and a per-step part, the weights and
+  their gradients): ``bytes_unfused`` sums the inputs and outputs of every aten op (views excluded) of forward + backward,
+  i.e. the HBM traffic of an op-by-op (eager) execution. ``bytes_fused`` counts only convolution/matmul inputs
+  and outputs: the traffic when the compiler fuses every elementwise and norm op into them (XLA on TPU).
+  Both are reported for the training dtype (counted in fp32 and scaled by the dtype's size).
+* Parameters: the gradient all-reduce moves ``params`` values per step, in the communication dtype.
+
+Presets (samples are images or sequences):
+
+* ``resnet50`` on ``imagenet``: scalelab's ResNet-50 v1.5 at 3x224x224, 1000 classes, 1,281,167 training
+  images (Russakovsky et al. 2015).
+* ``bert-large``: 24 layers, d=1024, 16 heads, FFN 4096, vocabulary 30,522, sequence 512 (Devlin et al. 2019),
+  built from ``torch.nn.TransformerEncoderLayer``.
+* ``gpt2``: GPT-2 small, 12 layers, d=768, 12 heads, sequence 1024, vocabulary 50,257 (Radford et al. 2019).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import cache
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from scalelab.errors import ConfigError, unknown_name
+
+DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
+
+# name -> (per-sample input shape or ("tokens", seq_len, vocab), classes, training samples)
+DATASETS: dict[str, tuple[tuple, int, int]] = {
+    "imagenet": ((3, 224, 224), 1000, 1_281_167),
+    "cifar10": ((3, 32, 32), 10, 50_000),
+    "mnist1d": ((1, 40), 10, 45_000),
+    "digits": ((1, 8, 8), 10, 1_437),
+    "wikibooks-512": (("tokens", 512, 30522), 0, 3_300_000_000 // 512),
+    "webtext-1024": (("tokens", 1024, 50257), 0, 9_000_000_000 // 1024),
+}
+TRANSFORMERS = {  # name -> (layers, d_model, heads, d_ff, dataset)
+    "bert-large": (24, 1024, 16, 4096, "wikibooks-512"),
+    "gpt2": (12, 768, 12, 3072, "webtext-1024"),
+}
+DEFAULT_DATASET = {"bert-large": "wikibooks-512", "gpt2": "webtext-1024", "resnet50": "imagenet",
+                   "resnet18": "imagenet"}
+_VIEWS = {"view", "_unsafe_view", "t", "detach", "expand", "as_strided", "transpose", "permute", "unsqueeze",
+          "squeeze", "slice", "select", "alias", "split", "split_with_sizes", "unbind", "reshape", "_reshape_alias"}
+_HEAVY = {"convolution", "convolution_backward", "mm", "addmm", "bmm", "baddbmm",
+          "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
+          "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward"}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Per-sample cost of one training step of a model on a dataset (all counts per sample, fp32 bytes)."""
+
+    name: str
+    dataset: str
+    flops_fwd: float
+    flops: float              # forward + backward
+    bytes_unfused: float      # fp32 bytes read+written by every op, forward + backward, per sample
+    bytes_fused: float        # fp32 bytes read+written by convolutions/matmuls only, per sample
+    bytes_unfused_step: float # the batch-independent part per device and step (weights read, weight grads)
+    bytes_fused_step: float
+    boundary_bytes: float     # fp32 bytes of the outputs of the heavy forward ops (activations between layers)
+    layers: int               # number of heavy forward ops (model-parallel messages per pass)
+    params: int
+    dataset_size: int
+
+    def param_bytes(self, dtype: str = "fp32") -> float:
+        return self.params * DTYPE_BYTES[dtype]
+
+    def memory_bytes(self, dtype: str, fused: bool, batch: float = 1.0) -> float:
+        """HBM bytes of one device's step on ``batch`` samples in ``dtype``, eager or fully fused."""
+        per_sample, per_step = ((self.bytes_fused, self.bytes_fused_step) if fused
+                                else (self.bytes_unfused, self.bytes_unfused_step))
+        return (per_sample * batch + per_step) * DTYPE_BYTES[dtype] / 4
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _ByteCounter(TorchDispatchMode):
+    """Sums the bytes of the tensors every aten op reads and writes (views and aliases excluded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = self.heavy = self.boundary = 0.0
+        self.layers = 0
+        self.forward = True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func._overloadpacket.__name__
+        if name in _VIEWS:
+            return out
+        nbytes = sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
+                     if isinstance(t, torch.Tensor) and t.is_floating_point())
+        self.total += nbytes
+        if name in _HEAVY:
+            self.heavy += nbytes
+            if self.forward:
+                self.layers += 1
+                self.boundary += sum(t.numel() * t.element_size() for t in tree_leaves(out)
+                                     if isinstance(t, torch.Tensor))
+        return out
+
+
+class _TokenModel(nn.Module):
+    """Embedding, a pre-norm transformer encoder stack and an output projection (BERT/GPT-2 shapes)."""
+
+    def __init__(self, layers: int, d: int, heads: int, d_ff: int, vocab: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, heads, d_ff, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)))
+
+
+def count_module(model: nn.Module, sample: torch.Tensor) -> dict[str, float]:
+    """FLOPs and bytes of one forward+backward of ``model`` on the batch ``sample``, divided by its batch size.
+
+    Runs wherever ``model`` and ``sample`` live; use the ``meta`` device to count without computing.
+    """
+    n = sample.shape[0]
+    bytes_mode = _ByteCounter()
+    with FlopCounterMode(display=False) as flops, bytes_mode:
+        out = model(sample)
+        fwd = flops.get_total_flops()
+        bytes_mode.forward = False
+        out.float().sum().backward()
+    return {"flops_fwd": fwd / n, "flops": flops.get_total_flops() / n, "bytes_unfused": bytes_mode.total / n,
+            "bytes_fused": bytes_mode.heavy / n, "boundary_bytes": bytes_mode.boundary / n,
+            "layers": bytes_mode.layers, "params": sum(p.numel() for p in model.parameters())}
+
+
+def _build(model: str, dataset: str) -> tuple[nn.Module, torch.Tensor]:
+    shape, classes, _ = DATASETS[dataset]
+    with torch.device("meta"):
+        if model in TRANSFORMERS:
+            layers, d, heads, d_ff, _ = TRANSFORMERS[model]
+            if shape[0] != "tokens":
+                raise ConfigError(f"model {model} needs a token dataset; {dataset} has images")
+            net = _TokenModel(layers, d, heads, d_ff, shape[2])
+            return net, torch.zeros(2, shape[1], dtype=torch.long)
+        from scalelab.config import ModelConfig
+        from scalelab.models import build_model
+        if shape[0] == "tokens":
+            raise ConfigError(f"model {model} needs image/signal inputs; {dataset} is a token dataset")
+        net = build_model(ModelConfig(name=model), shape, classes)
+        return net, torch.zeros(2, *shape)
+
+
+@cache
+def workload(model: str = "resnet50", dataset: str | None = None) -> Workload:
+    """The per-sample workload of any scalelab model, or of the ``bert-large``/``gpt2`` presets (cached).
+
+    Raises:
+        ConfigError: for an unknown model or dataset name, listing the known ones.
+    """
+    from scalelab.models import MODELS
+
+    dataset = dataset or DEFAULT_DATASET.get(model)
+    if model not in MODELS and model not in TRANSFORMERS:
+        raise ConfigError(unknown_name("model", model, [*MODELS, *TRANSFORMERS]))
+    if dataset is None:
+        raise ConfigError(f"model {model}: give --dataset; known: {', '.join(sorted(DATASETS))}")
+    if dataset not in DATASETS:
+        raise ConfigError(unknown_name("dataset", dataset, DATASETS))
+    # Counted at batches 2 and 4: bytes(n) = per_step + n * per_sample separates the weight traffic.
+    net, sample = _build(model, dataset)
+    net.train()
+    c2 = count_module(net, sample)
+    net.zero_grad(set_to_none=True)
+    c = count_module(net, torch.cat([sample, sample]))
+    per = {k: 2 * c[k] - c2[k] for k in ("bytes_unfused", "bytes_fused")}   # (B4 - B2) / 2, per sample
+    step = {k: 2 * (c2[k] - per[k]) for k in per}                            # B2 - 2 * per_sample
+    return Workload(name=model, dataset=dataset, flops_fwd=c["flops_fwd"], flops=c["flops"],
+                    bytes_unfused=per["bytes_unfused"], bytes_fused=per["bytes_fused"],
+                    bytes_unfused_step=step["bytes_unfused"], bytes_fused_step=step["bytes_fused"],
+                    boundary_bytes=c["boundary_bytes"], layers=int(c["layers"]), params=int(c["params"]),
+                    dataset_size=DATASETS[dataset][2])
