@@ -59,7 +59,8 @@ def plot(series: dict[str, list[Projection]], path: str | Path, title: str, hlin
         ax.plot([p.setup["devices"] for p in ps], [p.total_s for p in ps], marker="o", ms=3, label=label)
     if hline:
         ax.axhline(hline, color="grey", ls="--", lw=1)
-        ax.text(1, hline * 1.08, f"{hline:g} s", color="grey", fontsize=8)
+        first = min(p.setup["devices"] for ps in series.values() for p in ps)
+        ax.text(first, hline * 1.08, f"{hline:g} s", color="grey", fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("devices")

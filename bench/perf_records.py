@@ -1,0 +1,43 @@
+"""Predict every record of records.csv with the performance model; print predicted vs actual and the ratio.
+
+    python bench/perf_records.py            # writes bench/results/perf_records.json
+
+The peer figure is the published time of each record (DESIGN.md sources); the model's constants are the
+family constants of src/scalelab/perf/catalog.toml, the same for every record of a family, never fitted per row.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from scalelab.perf.records import predict_records, read_records, summary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+    results = predict_records(read_records(ROOT / "records.csv"))
+    print(f"{'record':24} {'predicted s':>12} {'actual s':>9} {'ratio':>6}  bound, exposed comm/step")
+    for r in results:
+        p = r["projection"]
+        print(f"{r['name']:24} {r['predicted_s']:12.1f} {r['actual_s']:9.1f} {r['ratio']:6.2f}  "
+              f"{p['compute_bound']}, {p['comm_exposed_s'] * 1e3:.2f} ms of {p['step_s'] * 1e3:.1f} ms"
+              + (f"  [assumed: {'; '.join(r['assumptions'])}]" if r["assumptions"] else ""))
+    s = summary(results)
+    print(f"median error {s['median_error']:.3f}x, worst {s['max_error']:.3f}x, goal met: {s['goal_met']}")
+    out = ROOT / "bench" / "results" / "perf_records.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"summary": s, "records": results, "torch": torch.__version__,
+                               "python": platform.python_version(),
+                               "seconds": time.perf_counter() - t0}, indent=2))
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

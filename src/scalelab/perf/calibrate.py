@@ -1,0 +1,167 @@
+"""Measure this machine and check the model against it: compute throughput of a real model, gloo all-reduce
+latency and bandwidth at 2 and 4 processes, and the step time of real N-process data-parallel training.
+
+Everything runs for real: training steps of a scalelab model timed with ``torch`` (warm-up excluded, median of
+repeats), ``torch.distributed.all_reduce`` with the gloo backend on 127.0.0.1 in 2 and 4 spawned processes,
+and N-process synchronous data-parallel steps (forward, backward, all-reduce of the flat gradient, SGD step).
+The prediction of an N-process step uses only the single-process measurements and the fitted alpha-beta
+(``2(p-1) alpha + 2(p-1)/p S / bw``, :func:`scalelab.perf.comm.ring_allreduce`): no N-process timing enters it.
+``scalelab train --nproc N`` runs can replace the hand-written data-parallel step once they land.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from scalelab.perf import comm
+
+MODEL = ("mlp", 2048, 2, (1, 40), 10)      # name, width, depth, input shape, classes: ~4.3M params, 17 MB grads
+BATCH = 512
+SIZES = (4 * 1024, 64 * 1024 * 1024)       # bytes: latency probe and bandwidth probe
+
+
+def _model(threads: int):
+    from scalelab.config import ModelConfig
+    from scalelab.models import build_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    name, width, depth, shape, classes = MODEL
+    return build_model(ModelConfig(name=name, width=width, depth=depth), shape, classes), shape, classes
+
+
+def _median_time(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def compute_step(batch: int, threads: int, repeats: int = 7) -> dict:
+    """Median seconds of one forward+backward+SGD step of MODEL on ``batch`` samples with ``threads`` threads."""
+    from scalelab.perf.workload import count_module
+
+    model, shape, classes = _model(threads)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(batch, *shape), torch.randint(0, classes, (batch,))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    t = _median_time(step, repeats)
+    flops = count_module(_model(threads)[0].to("meta"), torch.zeros(2, *shape, device="meta"))["flops"]
+    return {"batch": batch, "threads": threads, "step_s": t, "flop_per_s": flops * batch / t,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, task: str, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        if task == "allreduce":
+            out = {}
+            for size in SIZES:
+                buf = torch.ones(size // 4)
+                out[size] = _median_time(lambda: dist.all_reduce(buf), 9 if size < 1e6 else 5)
+        else:
+            cores = os.cpu_count() or 1
+            model, shape, classes = _model(max(1, cores // world))
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            b = BATCH // world
+            g = torch.Generator().manual_seed(rank)
+            x, y = torch.randn(b, *shape, generator=g), torch.randint(0, classes, (b,), generator=g)
+            params = list(model.parameters())
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                flat = torch.cat([p.grad.reshape(-1) for p in params])
+                dist.all_reduce(flat)
+                flat /= world
+                i = 0
+                for p in params:
+                    p.grad.copy_(flat[i:i + p.numel()].view_as(p))
+                    i += p.numel()
+                opt.step()
+
+            out = {"step_s": _median_time(step, 7)}
+        gathered = [None] * world
+        dist.all_gather_object(gathered, out)
+        if rank == 0:
+            queue.put(gathered)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, task: str) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_worker, args=(world, _free_port(), task, queue), nprocs=world, start_method="spawn")
+    return queue.get()
+
+
+def allreduce_fit(world: int) -> dict:
+    """gloo all-reduce times at SIZES on ``world`` processes, and the alpha/bandwidth of the ring formula."""
+    per_rank = _spawn(world, "allreduce")
+    t = {s: max(r[s] for r in per_rank) for s in SIZES}
+    small, large = SIZES
+    alpha = t[small] / (2 * (world - 1))
+    bw = 2 * (world - 1) / world * large / max(t[large] - 2 * (world - 1) * alpha, 1e-9)
+    return {"world": world, "times_s": {str(s): v for s, v in t.items()}, "alpha_s": alpha,
+            "bus_bandwidth": bw}
+
+
+def calibrate(worlds: tuple[int, ...] = (2, 4)) -> dict:
+    """Measure compute and gloo all-reduce, predict N-process data-parallel steps, and measure them."""
+    cores = os.cpu_count() or 1
+    single = compute_step(BATCH, cores)
+    rows = []
+    for world in worlds:
+        fit = allreduce_fit(world)
+        threads = max(1, cores // world)
+        local = compute_step(BATCH // world, threads)
+        share = max(1.0, world / cores)                        # processes time-share the cores beyond one each
+        net = comm.Net(fit["alpha_s"], fit["bus_bandwidth"])
+        t_comm = comm.ring_allreduce(single["params"] * 4, world, net)
+        predicted = local["step_s"] * share + t_comm            # gloo on CPU: no overlap with backward
+        measured = max(r["step_s"] for r in _spawn(world, "train"))
+        rows.append({"world": world, "allreduce": fit, "compute_s": local["step_s"] * share, "comm_s": t_comm,
+                     "predicted_step_s": predicted, "measured_step_s": measured,
+                     "ratio": predicted / measured})
+    return {"cores": cores, "model": {"name": MODEL[0], "width": MODEL[1], "depth": MODEL[2],
+                                      "params": single["params"], "batch": BATCH},
+            "single_process": single, "data_parallel": rows, "torch": torch.__version__}
+
+
+def format_calibration(r: dict) -> str:
+    s = r["single_process"]
+    lines = [f"this machine: {r['cores']} cores, torch {r['torch']}",
+             f"  compute: {r['model']['name']} {r['model']['params'] / 1e6:.2f}M params, batch {s['batch']}: "
+             f"{s['step_s'] * 1e3:.1f} ms/step = {s['flop_per_s'] / 1e9:.1f} GFLOP/s"]
+    for row in r["data_parallel"]:
+        f = row["allreduce"]
+        lines.append(f"  gloo {row['world']} processes: alpha {f['alpha_s'] * 1e6:.0f} us, bus bandwidth "
+                     f"{f['bus_bandwidth'] / 1e9:.2f} GB/s")
+        lines.append(f"    data-parallel step: predicted {row['predicted_step_s'] * 1e3:.1f} ms (compute "
+                     f"{row['compute_s'] * 1e3:.1f} + all-reduce {row['comm_s'] * 1e3:.1f}), measured "
+                     f"{row['measured_step_s'] * 1e3:.1f} ms, ratio {row['ratio']:.2f}")
+    return "\n".join(lines)
