@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", metavar="DIR", help="run directory (default runs/<date>-<time>-<name>)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    tr.add_argument("--nproc", type=int, default=1, metavar="N",
+                    help="data-parallel workers on this machine, started by torch's elastic launcher")
+    tr.add_argument("--max-restarts", type=int, default=0, metavar="R",
+                    help="with --nproc: restart the workers up to R times when one dies; they resume from "
+                         "the latest checkpoint")
     tr.set_defaults(run=_cmd_train)
 
     rp = sub.add_parser("report", help="print a run's summary and write its plots")
@@ -64,18 +69,61 @@ def _cmd_train(args) -> int:
 
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out DIR, the run directory to continue")
+    if args.nproc < 1 or args.max_restarts < 0:
+        raise ConfigError(f"--nproc {args.nproc} / --max-restarts {args.max_restarts}: need N >= 1 and R >= 0")
     config_path = args.config
     if args.resume and config_path is None and (Path(args.out) / "config.toml").exists():
         config_path = Path(args.out) / "config.toml"
     overrides = list(args.overrides) + (["train.progress=false"] if args.no_progress else [])
     cfg = load_config(config_path, overrides)
     out = Path(args.out) if args.out else default_out_dir(cfg)
+    if args.nproc > 1:
+        return _launch(cfg, out, args)
+    import os
+
+    # a worker of a torchrun / --nproc job resumes by itself when the agent restarts it
+    resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     try:
-        summary = train(cfg, out, resume=args.resume)
+        summary = train(cfg, out, resume=resume)
     except KeyboardInterrupt:
         print(f"\nscalelab: interrupted; continue with: scalelab train --out {out} --resume", file=sys.stderr)
         return 130
-    print_summary(summary)
+    if int(os.environ.get("RANK", "0")) == 0 and not os.environ.get("SCALELAB_LAUNCHER"):
+        print_summary(summary)
+        print(f"run directory: {out}")
+    return 0
+
+
+def _launch(cfg, out: Path, args) -> int:
+    """The parent of a --nproc job: validate and prepare everything, then start the workers."""
+    import json
+
+    from scalelab.checkpoint import list_checkpoints
+    from scalelab.config import save_config
+    from scalelab.data import load_dataset
+    from scalelab.parallel.launch import launch_workers
+    from scalelab.train import check_names, print_summary
+
+    check_names(cfg)
+    if cfg.train.batch_size % args.nproc:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by --nproc {args.nproc}; "
+                          f"each worker takes B/N")
+    if not args.resume and (list_checkpoints(out / "checkpoints") or (out / "summary.json").exists()):
+        raise ConfigError(f"--out {out} already holds a run; add --resume to continue it, "
+                          f"or choose another directory")
+    load_dataset(cfg.data)  # generate or download once, here, not in every worker
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.toml")
+    worker_args = ["train", "--config", str(out / "config.toml"), "--out", str(out)]
+    if args.resume:
+        worker_args.append("--resume")
+    try:
+        launch_workers(worker_args, args.nproc, args.max_restarts, out)
+    except KeyboardInterrupt:
+        print(f"\nscalelab: interrupted; continue with: scalelab train --out {out} --resume --nproc {args.nproc}",
+              file=sys.stderr)
+        return 130
+    print_summary(json.loads((out / "summary.json").read_text()))
     print(f"run directory: {out}")
     return 0
 

@@ -101,7 +101,8 @@ class TrainConfig:
     seed: int = _f(0, lo=0)
     on_nan: str = _f("stop", choices=("stop", "skip"), doc="on a NaN/inf loss: stop the run or skip the step")
     device: str = _f("auto", choices=("auto", "cpu", "cuda"))
-    threads: int = _f(0, lo=0, doc="torch threads; 0 = all cores")
+    threads: int = _f(0, lo=0, doc="torch threads; 0 = all cores (with --nproc N: each worker's share)")
+    dtype: str = _f("float32", choices=("float32", "float64"), doc="parameter and data dtype")
     eval_batch: int = _f(4096, lo=1)
     progress: bool = _f(True, doc="live progress bar")
 
@@ -109,6 +110,16 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     emulate_workers: int = _f(1, lo=1, doc="emulate K data-parallel workers in one process (BN per worker)")
+    bn_group: int = _f(1, lo=0, doc="BN statistics over groups of this many workers (cross-replica BN); "
+                                    "1 = per worker, 0 = all workers")
+    backend: str = _f("auto", choices=("auto", "gloo", "nccl"), doc="auto: nccl on CUDA, gloo on CPU")
+    timeout_s: float = _f(300.0, lo=1.0, doc="a collective waiting longer than this reports a hung worker")
+
+
+@dataclass
+class FaultsConfig:
+    kill_rank: int = _f(-1, lo=-1, doc="for tests and demos: SIGKILL this rank at kill_step (first attempt only)")
+    kill_step: int = _f(0, lo=0)
 
 
 @dataclass
@@ -118,6 +129,7 @@ class Config:
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -129,7 +141,7 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "recipe": RecipeConfig, "train": TrainConfig,
-            "parallel": ParallelConfig}
+            "parallel": ParallelConfig, "faults": FaultsConfig}
 
 
 def _type_name(tp) -> str:
@@ -221,6 +233,12 @@ def _validate_cross(cfg: Config) -> None:
     if cfg.model.norm == "ghost" and (t.batch_size // p.emulate_workers) % cfg.model.ghost_batch:
         raise ConfigError(f"model.ghost_batch: {cfg.model.ghost_batch} must divide the per-worker batch "
                           f"{t.batch_size // p.emulate_workers}")
+    if p.bn_group > 1 and p.emulate_workers > 1 and p.emulate_workers % p.bn_group:
+        raise ConfigError(f"parallel.bn_group: {p.bn_group} must divide parallel.emulate_workers="
+                          f"{p.emulate_workers}")
+    if p.bn_group != 1 and cfg.model.norm == "ghost":
+        raise ConfigError("parallel.bn_group: cross-replica BN and ghost BN (model.norm=ghost) do not combine; "
+                          "choose one")
     if len(r.betas) != 2 or not all(0.0 <= b < 1.0 for b in r.betas):
         raise ConfigError(f"recipe.betas: {r.betas!r}; allowed: two numbers in [0, 1)")
     if r.schedule == "step" and not r.milestones:

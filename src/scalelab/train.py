@@ -17,6 +17,8 @@ import json
 import math
 import os
 import resource
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from scalelab.data import DATASETS, Dataset, batch_indices, epoch_order, load_da
 from scalelab.errors import ConfigError, DataError, DivergenceError, unknown_name
 from scalelab.models import MODELS, build_model
 from scalelab.recipe import build_optimizer, build_schedule
-from scalelab.recipe.norm import set_emulated_workers
+from scalelab.parallel.runtime import Runtime, init_runtime
 from scalelab.track import Progress, Tracker, summary_table
 
 SUMMARY_KEYS = [
@@ -58,6 +60,8 @@ class Counters:
     time_to_target_s: float | None = None
     skipped_steps: int = 0
     restarts: int = 0
+    comm_bytes: int = 0
+    comm_s: float = 0.0
 
     def to_state(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,17 +94,9 @@ def check_names(cfg: Config) -> None:
         raise ConfigError(unknown_name("model", cfg.model.name, MODELS))
 
 
-def _device(cfg: Config) -> torch.device:
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' was asked for but no CUDA device is available; use auto or cpu")
-    if cfg.train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.train.device)
-
-
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[float, float, int]:
-    """Test (loss, accuracy, count) from exact sums over the set, batch by batch, in eval mode."""
+def evaluate_sums(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[float, int, int]:
+    """Exact sums over a test set in eval mode: (summed cross-entropy, correct predictions, count)."""
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
@@ -109,12 +105,21 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
         loss_sum += F.cross_entropy(out, y[i:i + batch], reduction="sum").item()
         correct += (out.argmax(1) == y[i:i + batch]).sum().item()
     model.train(was_training)
-    n = len(x)
+    return loss_sum, correct, len(x)
+
+
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[float, float, int]:
+    """Test (mean loss, accuracy, count) of one process."""
+    loss_sum, correct, n = evaluate_sums(model, x, y, batch)
     return loss_sum / max(n, 1), correct / max(n, 1), n
 
 
 class Trainer:
     """One training run. ``Trainer(cfg, out).run()`` returns the summary dict that is also ``summary.json``.
+
+    The same loop runs alone or as one of N data-parallel workers (see :mod:`scalelab.parallel.runtime`): each
+    worker takes its B/N share of every global batch, DDP averages the gradients, evaluation and logged metrics
+    are summed over workers as counts, and only rank 0 writes the run directory.
 
     Args:
         cfg: the validated run config.
@@ -128,12 +133,12 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(out) if out is not None else None
         self.resume = resume
-        self.rank, self.world_size = 0, 1
+        self.rt = Runtime()
         self._data = data
 
     # ---- set-up -------------------------------------------------------------------------------------
     def _prepare_out(self) -> dict[str, Any] | None:
-        """Create the run directory, or find the checkpoint to resume from. Nothing is overwritten."""
+        """Create the run directory (rank 0), or find the checkpoint to resume from. Nothing is overwritten."""
         if self.out is None:
             return None
         ckdir = self.out / "checkpoints"
@@ -143,76 +148,91 @@ class Trainer:
                 ckpt.check_compatible(state["config"], self.cfg, self.out)
             else:
                 self._log(f"no checkpoint in {ckdir}; starting from step 0")
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.out / "config.toml")
-            return state
-        if ckpt.list_checkpoints(ckdir) or (self.out / "summary.json").exists():
+        elif self.rt.is_main and (ckpt.list_checkpoints(ckdir) or (self.out / "summary.json").exists()):
             raise ConfigError(f"--out {self.out} already holds a run; add --resume to continue it, "
                               f"or choose another directory")
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.out / "config.toml")
-        return None
+        else:
+            state = None
+        if self.rt.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.out / "config.toml")
+        return state
 
     def _log(self, msg: str) -> None:
-        if self.rank == 0:
+        if self.rt.is_main:
             print(msg, flush=True)
 
     # ---- the run ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        cfg, t = self.cfg, self.cfg.train
+        check_names(self.cfg)
+        self.rt = init_runtime(self.cfg)
+        try:
+            return self._run()
+        finally:
+            self.rt.shutdown()
+
+    def _run(self) -> dict[str, Any]:
+        cfg, t, rt = self.cfg, self.cfg.train, self.rt
         wall0 = time.perf_counter()
-        check_names(cfg)
-        device = _device(cfg)
-        if t.threads:
-            torch.set_num_threads(t.threads)
         resume_state = self._prepare_out()
+        device, rank, world = rt.device, rt.rank, rt.world_size
 
         data = self._data or load_dataset(cfg.data)
-        x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-        x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+        dtype = getattr(torch, t.dtype)
+        x_train, y_train = data.x_train.to(device, dtype), data.y_train.to(device)
+        # each worker evaluates a contiguous share of the test set; the sums are reduced exactly
+        lo, hi = rank * len(data.x_test) // world, (rank + 1) * len(data.x_test) // world
+        x_test, y_test = data.x_test[lo:hi].to(device, dtype), data.y_test[lo:hi].to(device)
         B = t.batch_size
+        if B % world:
+            raise ConfigError(f"train.batch_size: {B} is not divisible by the {world} workers; each takes B/N")
         spe = steps_per_epoch(len(x_train), B)
         total = t.max_steps or max(1, math.ceil(t.epochs * spe))
         eval_every = t.eval_every or spe
         ckpt_every = t.checkpoint_every or spe
 
         torch.manual_seed(t.seed)
-        model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
-        set_emulated_workers(model, cfg.parallel.emulate_workers)
-        opt = build_optimizer(cfg.recipe, model, spe, global_batch=B)
+        base = build_model(cfg.model, data.input_shape, data.num_classes).to(device, dtype)
+        opt = build_optimizer(cfg.recipe, base, spe, global_batch=B)
         sched = build_schedule(cfg.recipe, B, spe, total)
-
         c = Counters()
         if resume_state is not None:
-            model.load_state_dict(resume_state["model"])
+            base.load_state_dict(resume_state["model"])
             opt.load_state_dict(resume_state["optimizer"])
             c = Counters.from_state(resume_state["counters"])
+            c.restarts += 1
             ckpt.set_rng_state(resume_state["rng"])
             self._log(f"resumed from step {c.step} (epoch {c.step / spe:.2f}) in {self.out}")
-        tracker = Tracker(self.out if self.rank == 0 else None,
+        model = rt.wrap(base, cfg)
+        comm0_bytes, comm0_s = c.comm_bytes, c.comm_s
+        tracker = Tracker(self.out if rt.is_main else None,
                           resume_step=c.step if resume_state is not None else None)
-        self._log(f"run {cfg.run_name()}: {data.name} ({len(x_train)} train / {len(x_test)} test), "
-                  f"{cfg.model.name}, {cfg.recipe.optimizer}, B={B}, {total} steps ({spe}/epoch), "
-                  f"lr {sched}, device {device}, {torch.get_num_threads()} threads"
+        self._log(f"run {cfg.run_name()}: {data.name} ({len(x_train)} train / {len(data.x_test)} test), "
+                  f"{cfg.model.name}, {cfg.recipe.optimizer}, B={B}"
+                  + (f" = {world} workers x {B // world}" if world > 1 else "")
+                  + f", {total} steps ({spe}/epoch), lr {sched}, device {device}, "
+                  f"{torch.get_num_threads()} threads" + ("/worker" if world > 1 else "")
                   + (f", {cfg.parallel.emulate_workers} emulated workers"
                      if cfg.parallel.emulate_workers > 1 else "")
                   + (f" -> {self.out}" if self.out else ""))
 
-        progress = Progress(total, c.step, enabled=t.progress and self.rank == 0, desc=cfg.run_name())
+        progress = Progress(total, c.step, enabled=t.progress and rt.is_main, desc=cfg.run_name())
         ckdir = self.out / "checkpoints" if self.out else None
 
         def save(step: int) -> None:
-            if ckdir is None or self.rank != 0:
+            if ckdir is None or not rt.is_main:
                 return
             t0 = time.perf_counter()
-            state = {"format": ckpt.FORMAT_VERSION, "config": cfg.to_dict(), "model": model.state_dict(),
+            state = {"format": ckpt.FORMAT_VERSION, "config": cfg.to_dict(), "model": base.state_dict(),
                      "optimizer": opt.state_dict(), "counters": c.to_state(), "rng": ckpt.rng_state()}
             ckpt.save_checkpoint(ckdir, step, state, keep=t.keep_checkpoints)
             c.ckpt_s += time.perf_counter() - t0
 
         def do_eval() -> bool:
             t0 = time.perf_counter()
-            loss, acc, n = evaluate(model, x_test, y_test, t.eval_batch)
+            loss_sum, correct, n = evaluate_sums(base, x_test, y_test, t.eval_batch)
+            sums = rt.all_reduce_sum(torch.tensor([loss_sum, correct, n], dtype=torch.float64))
+            loss, acc, n = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item(), int(sums[2])
             c.eval_s += time.perf_counter() - t0
             c.last_eval_step, c.last_test_acc, c.last_test_loss = c.step, acc, loss
             c.best_test_acc = max(c.best_test_acc, acc)
@@ -230,34 +250,37 @@ class Trainer:
         stopped = "completed"
         try:
             while c.step < total:
+                if rank == cfg.faults.kill_rank and c.step == cfg.faults.kill_step and rt.restart_count == 0:
+                    inject_kill(rank, c.step)
                 step_t0 = time.perf_counter()
                 epoch, k = divmod(c.step, spe)
                 if epoch != order_epoch:
                     order, order_epoch = epoch_order(len(x_train), t.seed, epoch).to(device), epoch
-                idx = batch_indices(order, k, B)
+                idx = batch_indices(order, k, B, rank, world)
                 lr = sched(c.step)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 xb, yb = x_train[idx], y_train[idx]
                 out = model(xb)
                 loss = F.cross_entropy(out, yb, label_smoothing=cfg.recipe.label_smoothing)
-                loss_v = loss.item()
                 opt.zero_grad(set_to_none=True)
+                loss.backward()
+                rt.end_backward()
+                # the mean loss over all workers (equal shares): the same on every rank, so every rank takes
+                # the same decision about a non-finite loss
+                loss_v = rt.all_reduce_sum(loss.detach().clone()).item() / world
                 finite = math.isfinite(loss_v)
-                if finite:
-                    loss.backward()
-                    if cfg.recipe.grad_clip:
-                        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.recipe.grad_clip)
-                        finite = bool(torch.isfinite(gn))
+                if finite and cfg.recipe.grad_clip:
+                    gn = torch.nn.utils.clip_grad_norm_(base.parameters(), cfg.recipe.grad_clip)
+                    finite = bool(torch.isfinite(gn))
                 if not finite:
                     tracker.log("nonfinite", c.step, loss=loss_v, lr=lr)
                     if t.on_nan == "stop":
-                        last = ckpt.list_checkpoints(ckdir)[-1][1].name if ckdir and ckpt.list_checkpoints(
-                            ckdir) else "none"
+                        kept = ckpt.list_checkpoints(ckdir) if ckdir else []
                         raise DivergenceError(
                             f"loss is {loss_v} at step {c.step} (epoch {c.step / spe:.2f}, lr {lr:.4g}); "
-                            f"stopped, last good checkpoint: {last}; lower recipe.base_lr, add warmup, "
-                            f"or set train.on_nan=skip")
+                            f"stopped, last good checkpoint: {kept[-1][1].name if kept else 'none'}; "
+                            f"lower recipe.base_lr, add warmup, or set train.on_nan=skip")
                     c.skipped_steps += 1
                     opt.zero_grad(set_to_none=True)
                 else:
@@ -265,14 +288,18 @@ class Trainer:
                 c.step += 1
                 c.samples_seen += B
                 c.train_s += time.perf_counter() - step_t0
+                c.comm_bytes, c.comm_s = comm0_bytes + rt.comm.bytes_sent, comm0_s + rt.comm.exposed_s
 
                 if c.step % t.log_every == 0 or c.step == total:
-                    acc = (out.argmax(1) == yb).float().mean().item()
+                    hits = rt.all_reduce_sum(torch.tensor([(out.argmax(1) == yb).sum().item(), len(yb)],
+                                                          dtype=torch.float64))
+                    acc = (hits[0] / hits[1]).item()
                     dt = c.train_s - log_t0
                     sps = (c.step - log_step0) * B / dt if dt > 0 else 0.0
                     log_t0, log_step0 = c.train_s, c.step
                     tracker.log("train", c.step, epoch=c.step / spe, loss=loss_v, acc=acc, lr=lr,
-                                samples=c.samples_seen, samples_per_s=sps, train_s=c.train_s)
+                                samples=c.samples_seen, samples_per_s=sps, train_s=c.train_s,
+                                comm_bytes=c.comm_bytes, comm_s=c.comm_s)
                     progress.update(1, epoch=f"{c.step / spe:.2f}", loss=loss_v, acc=acc, lr=lr,
                                     samples_s=round(sps))
                 else:
@@ -291,10 +318,10 @@ class Trainer:
 
         if c.last_eval_step != c.step:
             do_eval()
-        summary = self._summary(c, spe, B, model, stopped, time.perf_counter() - wall0)
+        summary = self._summary(c, spe, B, base, stopped, time.perf_counter() - wall0)
         tracker.log("summary", c.step, **{k: v for k, v in summary.items() if not isinstance(v, str)})
         tracker.close()
-        if self.out is not None and self.rank == 0:
+        if self.out is not None and rt.is_main:
             tmp = self.out / ".summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2) + "\n")
             os.replace(tmp, self.out / "summary.json")
@@ -319,14 +346,22 @@ class Trainer:
             "time_to_target_s": c.time_to_target_s,
             "stopped": stopped,
             "skipped_steps": c.skipped_steps,
-            "world_size": self.world_size,
+            "world_size": self.rt.world_size,
             "emulated_workers": self.cfg.parallel.emulate_workers,
             "global_batch": B,
-            "comm_bytes": 0,
+            "comm_bytes": c.comm_bytes,
+            "comm_s": c.comm_s,
+            "compute_s": c.train_s - c.comm_s,
             "restarts": c.restarts,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
             "params_sha256": params_sha256(model),
         }
+
+
+def inject_kill(rank: int, step: int) -> None:
+    """Fault injection (``faults.kill_rank`` / ``faults.kill_step``): this worker dies as from ``kill -9``."""
+    print(f"faults: killing rank {rank} at step {step} (SIGKILL)", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train(cfg: Config, out: str | Path | None = None, resume: bool = False, *,

@@ -96,6 +96,8 @@ class BatchNorm(nn.Module):
     """
 
     splits: int = 1  # set by the trainer (set_emulated_workers): number of emulated data-parallel workers
+    process_group = None  # set by set_cross_replica: statistics are all-reduced over this group of workers
+    replicas: int = 1  # the size of process_group
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
                  ghost_batch: int | None = None) -> None:
@@ -152,6 +154,8 @@ class BatchNorm(nn.Module):
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False,
                                 self.momentum, self.eps)
         self.num_batches_tracked.add_(1)
+        if self.process_group is not None:
+            return self._cross_replica(x)
         groups = self.num_groups(x.shape[0])
         if groups == 1:
             # Exactly what nn.BatchNorm*d does in training mode, hence bit-identical to it.
@@ -170,8 +174,35 @@ class BatchNorm(nn.Module):
                               f"(ghost batch or per-worker batch too small)")
         mean, var = moments_from_sums(s, ss, count, shift)
         self._update_running(mean.detach(), var.detach() * (count / (count - 1)))
-        # y = (x - mean) * (invstd * gamma) + beta. Subtracting the mean first (rather than folding it into
-        # the offset, beta - mean * scale) avoids cancellation when |mean| >> std.
+        return self._normalize(x, groups, mean, var)
+
+    def _cross_replica(self, x: Tensor) -> Tensor:
+        """Statistics over the whole batch of every worker in ``process_group`` (Ying et al. 2018).
+
+        Two passes, each one all-reduce of C numbers per layer: the sum gives the group mean, then the sum of
+        squared deviations from it gives the variance. The one-pass E[x^2] - E[x]^2 would save one collective
+        but loses the variance to cancellation wherever a channel's mean is large against its spread, and a
+        mis-estimated variance of a nearly constant channel multiplies the error through rsqrt. The all-reduces
+        are autograd-aware (``torch.distributed.nn``): the backward pass sums the statistics' gradients over
+        the group too, so the gradient is that of the loss over the group's combined batch. Works with gloo on
+        CPU (PyTorch's SyncBatchNorm is CUDA-only).
+        """
+        import torch.distributed.nn.functional as dist_fn
+
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        dims = (0, *range(2, x.dim()))
+        count = x.numel() // x.shape[1] * self.replicas
+        mean = dist_fn.all_reduce(xf.sum(dims), group=self.process_group) / count
+        centred = xf - mean.reshape((1, -1) + (1,) * (x.dim() - 2))
+        var = dist_fn.all_reduce((centred * centred).sum(dims), group=self.process_group) / count
+        mean, var = mean.unsqueeze(0), var.unsqueeze(0)
+        self._update_running(mean.detach(), var.detach() * (count / (count - 1)))
+        return self._normalize(x, 1, mean, var)
+
+    def _normalize(self, x: Tensor, groups: int, mean: Tensor, var: Tensor) -> Tensor:
+        """``(x - mean) * rsqrt(var + eps) * gamma + beta`` with (G, C) statistics for G contiguous groups."""
+        # Subtracting the mean first (rather than folding it into the offset, beta - mean * scale) avoids
+        # cancellation when |mean| >> std.
         view = (groups, 1, self.num_features) + (1,) * (x.dim() - 2)
         scale = (torch.rsqrt(var + self.eps) * self.weight).reshape(view)
         xg = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
@@ -204,10 +235,28 @@ def make_norm(kind: str, num_features: int, ghost_batch: int) -> nn.Module:
     raise ConfigError(unknown_name("norm", kind, NORMS))
 
 
-def set_emulated_workers(model: nn.Module, k: int) -> None:
-    """Make every :class:`BatchNorm` in ``model`` normalise each of ``k`` contiguous batch chunks apart."""
+def set_emulated_workers(model: nn.Module, k: int, bn_group: int = 1) -> None:
+    """Make every :class:`BatchNorm` in ``model`` behave as in ``k`` data-parallel workers.
+
+    With ``bn_group = 1`` each worker normalises its own B/k chunk; with ``bn_group = g`` the statistics are
+    pooled over groups of g consecutive workers (cross-replica BN, Ying et al. 2018), i.e. over k/g chunks;
+    ``bn_group = 0`` pools all k workers (plain BN over the global batch).
+    """
     if k < 1:
         raise ConfigError(f"parallel.emulate_workers: {k} must be >= 1")
+    g = bn_group or k
+    if k % g:
+        raise ConfigError(f"parallel.bn_group: {bn_group} must divide the number of workers {k}")
     for module in model.modules():
         if isinstance(module, BatchNorm):
-            module.splits = k
+            module.splits = k // g
+
+
+def set_cross_replica(model: nn.Module, group, size: int) -> None:
+    """Make every :class:`BatchNorm` in ``model`` all-reduce its statistics over ``group`` (``size`` workers)."""
+    for module in model.modules():
+        if isinstance(module, BatchNorm):
+            if module.ghost_batch is not None:
+                raise ConfigError("model.norm: ghost BN and cross-replica BN (parallel.bn_group != 1) "
+                                  "do not combine; choose one")
+            module.process_group, module.replicas = group, size
