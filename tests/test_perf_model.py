@@ -189,3 +189,17 @@ def test_user_catalog_adds_entries(tmp_path):
     f.write_text('[accelerator.x]\nfamily = "nope"\n')
     with pytest.raises(ConfigError):
         load_catalog(f)
+
+
+def test_workshop_answer_is_consistent():
+    from scalelab.perf.workshop import workshop
+
+    r = workshop()
+    h100 = next(a for a in r["at_100_pflops"] if a["accelerator"] == "h100")
+    assert 90 < h100["peak_pflops"] < 110 and h100["mccandlish"]["epochs"] == pytest.approx(35.0)
+    for u in r["under_a_minute"]:
+        if u["devices"]:
+            assert u["devices"] >= 8
+    # larger batches need more epochs, so the McCandlish answer never needs fewer devices
+    need = {(u["accelerator"], u["rule"]): u["devices"] for u in r["under_a_minute"]}
+    assert all(need[(a, "mccandlish")] >= need[(a, "35-epochs")] for a in ("h100", "v100", "a100", "tpu-v4"))

@@ -130,26 +130,37 @@ def allreduce_fit(world: int) -> dict:
             "bus_bandwidth": bw}
 
 
-def calibrate(worlds: tuple[int, ...] = (2, 4)) -> dict:
-    """Measure compute and gloo all-reduce, predict N-process data-parallel steps, and measure them."""
+def calibrate(worlds: tuple[int, ...] = (2, 4), rounds: int = 3) -> dict:
+    """Measure compute and gloo all-reduce, predict N-process data-parallel steps, and measure them.
+
+    Every process uses ``cores // N`` threads (at least one); N processes beyond the core count time-share the
+    cores, so their compute is the one-process time times N / cores. Prediction inputs and the N-process
+    measurement are taken in interleaved rounds and the median ratio is reported, because a shared machine's
+    load changes from minute to minute (the load average is recorded).
+    """
     cores = os.cpu_count() or 1
     single = compute_step(BATCH, cores)
     rows = []
     for world in worlds:
-        fit = allreduce_fit(world)
         threads = max(1, cores // world)
-        local = compute_step(BATCH // world, threads)
-        share = max(1.0, world / cores)                        # processes time-share the cores beyond one each
-        net = comm.Net(fit["alpha_s"], fit["bus_bandwidth"])
-        t_comm = comm.ring_allreduce(single["params"] * 4, world, net)
-        predicted = local["step_s"] * share + t_comm            # gloo on CPU: no overlap with backward
-        measured = max(r["step_s"] for r in _spawn(world, "train"))
-        rows.append({"world": world, "allreduce": fit, "compute_s": local["step_s"] * share, "comm_s": t_comm,
-                     "predicted_step_s": predicted, "measured_step_s": measured,
-                     "ratio": predicted / measured})
+        share = max(1.0, world / cores)
+        per_round = []
+        for _ in range(rounds):
+            fit = allreduce_fit(world)
+            local = compute_step(BATCH // world, threads)
+            net = comm.Net(fit["alpha_s"], fit["bus_bandwidth"])
+            t_comm = comm.ring_allreduce(single["params"] * 4, world, net)
+            predicted = local["step_s"] * share + t_comm        # gloo on CPU: no overlap with backward
+            measured = max(r["step_s"] for r in _spawn(world, "train"))
+            per_round.append({"allreduce": fit, "compute_s": local["step_s"] * share, "comm_s": t_comm,
+                              "predicted_step_s": predicted, "measured_step_s": measured,
+                              "ratio": predicted / measured, "load": os.getloadavg()[0]})
+        mid = sorted(per_round, key=lambda r: r["ratio"])[len(per_round) // 2]
+        rows.append({"world": world, **mid, "ratios": [r["ratio"] for r in per_round], "rounds": per_round})
     return {"cores": cores, "model": {"name": MODEL[0], "width": MODEL[1], "depth": MODEL[2],
                                       "params": single["params"], "batch": BATCH},
-            "single_process": single, "data_parallel": rows, "torch": torch.__version__}
+            "single_process": single, "data_parallel": rows, "torch": torch.__version__,
+            "load_average": os.getloadavg()}
 
 
 def format_calibration(r: dict) -> str:
@@ -163,5 +174,6 @@ def format_calibration(r: dict) -> str:
                      f"{f['bus_bandwidth'] / 1e9:.2f} GB/s")
         lines.append(f"    data-parallel step: predicted {row['predicted_step_s'] * 1e3:.1f} ms (compute "
                      f"{row['compute_s'] * 1e3:.1f} + all-reduce {row['comm_s'] * 1e3:.1f}), measured "
-                     f"{row['measured_step_s'] * 1e3:.1f} ms, ratio {row['ratio']:.2f}")
+                     f"{row['measured_step_s'] * 1e3:.1f} ms, ratio {row['ratio']:.2f} (median of "
+                     f"{', '.join(f'{x:.2f}' for x in row['ratios'])}; load {row['load']:.1f})")
     return "\n".join(lines)

@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=None, help="sweeps: cap on the global batch")
     p.add_argument("--epochs", type=float, default=None, help="epochs to the target (default 35 if no "
                    "McCandlish parameters)")
-    p.add_argument("--noise-scale", type=float, default=None, help="McCandlish B_noise (with --min-steps)")
+    p.add_argument("--noise-scale", type=float, default=None, help="McCandlish B_noise (with --min-steps; "
+                   "with --workshop: overrides its assumed 32768)")
     p.add_argument("--min-steps", type=float, default=None, help="McCandlish S_min (with --noise-scale)")
     p.add_argument("--compress", default=None, help="none, fp16, sign, qsgd:BITS, powersgd:FACTOR, dgc:SPARSITY")
     p.add_argument("--parallel", default="data", help="data, hybrid:MxD or pipeline:S")
@@ -116,9 +117,9 @@ def _records(args, cat) -> int:
 
 
 def _workshop(args, cat) -> int:
-    from scalelab.perf.workshop import format_workshop, workshop
+    from scalelab.perf.workshop import NOISE_SCALE, format_workshop, workshop
 
-    result = workshop(cat, plot_path=args.plot)
+    result = workshop(cat, plot_path=args.plot, noise_scale=args.noise_scale or NOISE_SCALE)
     print(json.dumps(result, indent=2) if args.json else format_workshop(result))
     return 0
 

@@ -26,17 +26,18 @@ SYSTEMS = {"h100": 100, "v100": 800, "a100": 320, "tpu-v4": 364}   # ~100 PFLOP/
 PLOT_DEVICES = [2 ** k for k in range(3, 15)]
 
 
-def recipe_steps(dataset_size: int) -> Steps:
+def recipe_steps(dataset_size: int, noise_scale: float = NOISE_SCALE) -> Steps:
     """McCandlish steps through the MLPerf anchor: S_min = S(3200) / (1 + B_noise / 3200)."""
     s_anchor = ANCHOR_EPOCHS * dataset_size / ANCHOR_BATCH
-    return Steps(noise_scale=NOISE_SCALE, min_steps=s_anchor / (1 + NOISE_SCALE / ANCHOR_BATCH))
+    return Steps(noise_scale=noise_scale, min_steps=s_anchor / (1 + noise_scale / ANCHOR_BATCH))
 
 
-def workshop(catalog: Catalog | None = None, plot_path: str | None = None) -> dict:
+def workshop(catalog: Catalog | None = None, plot_path: str | None = None,
+             noise_scale: float = NOISE_SCALE) -> dict:
     """Predicted time at ~100 PFLOP/s per accelerator, the device counts for under a minute, the fastest."""
     cat = catalog or load_catalog()
     wl = workload("resnet50", "imagenet")
-    rules = {"mccandlish": recipe_steps(wl.dataset_size), "35-epochs": Steps(epochs=ANCHOR_EPOCHS)}
+    rules = {"mccandlish": recipe_steps(wl.dataset_size, noise_scale), "35-epochs": Steps(epochs=ANCHOR_EPOCHS)}
     at_100pf = []
     for name, n in SYSTEMS.items():
         acc = cat.accelerator(name)
@@ -62,8 +63,8 @@ def workshop(catalog: Catalog | None = None, plot_path: str | None = None) -> di
                                      cat.family(cat.accelerator(name).family).dtype) / 1e15 if n else None})
     if plot_path:
         plot(series, plot_path, f"ResNet-50/ImageNet to 75.9%: {PER_DEVICE}/device, "
-             f"McCandlish steps (B_noise {NOISE_SCALE:g})", hline=60.0)
-    return {"per_device_batch": PER_DEVICE, "noise_scale": NOISE_SCALE, "at_100_pflops": at_100pf,
+             f"McCandlish steps (B_noise {noise_scale:g})", hline=60.0)
+    return {"per_device_batch": PER_DEVICE, "noise_scale": noise_scale, "at_100_pflops": at_100pf,
             "under_a_minute": under_minute, "fastest": best, "plot": plot_path}
 
 
