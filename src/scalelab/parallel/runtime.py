@@ -169,6 +169,12 @@ def init_runtime(cfg: Config) -> Runtime:
             backend = "nccl" if use_cuda else "gloo"
         if backend == "nccl" and not use_cuda:
             raise ConfigError("parallel.backend: nccl needs CUDA devices; use gloo (or auto) on CPU")
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s),
+        timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
+        # torch's env:// rendezvous gives the store (the elastic agent's, under torchrun); keys are prefixed
+        # with the restart count because after a restart the agent's store still holds the dead group's
+        # addresses, and gloo would otherwise connect to them (seen with torch 2.13: "Connection refused").
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        store = dist.PrefixStore(f"scalelab/attempt-{restarts}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
                                 **({"device_id": device} if use_cuda else {}))
     return rt
