@@ -40,3 +40,12 @@ def test_without_restarts_a_dead_worker_fails_the_job_with_one_line(tmp_path, ca
     assert "--resume --nproc 2" in last
     ckpts = sorted((tmp_path / "dead" / "checkpoints").glob("ckpt-*.pt"))
     assert [p.name for p in ckpts] == ["ckpt-000000025.pt"]  # the last good checkpoint is there to resume from
+
+
+def test_hung_worker_is_reported_by_rank_not_a_silent_deadlock(tmp_path, cache_dir):
+    proc = _train(tmp_path / "hang", cache_dir, "--set", "faults.hang_rank=1", "--set", "faults.hang_step=30",
+                  "--set", "parallel.timeout_s=3")
+    assert proc.returncode == 1
+    assert ("scalelab: error: rank 0: a collective at step 30 failed after waiting up to parallel.timeout_s=3 s: "
+            "rank(s) 1 stopped responding (hung or dead)") in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("scalelab: error: worker rank 0 exited with code 1")

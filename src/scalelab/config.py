@@ -120,6 +120,8 @@ class ParallelConfig:
 class FaultsConfig:
     kill_rank: int = _f(-1, lo=-1, doc="for tests and demos: SIGKILL this rank at kill_step (first attempt only)")
     kill_step: int = _f(0, lo=0)
+    hang_rank: int = _f(-1, lo=-1, doc="for tests and demos: this rank stops responding at hang_step")
+    hang_step: int = _f(0, lo=0)
 
 
 @dataclass

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from scalelab import checkpoint as ckpt
 from scalelab.config import Config, save_config
 from scalelab.data import DATASETS, Dataset, batch_indices, epoch_order, load_dataset, steps_per_epoch
-from scalelab.errors import ConfigError, DataError, DivergenceError, unknown_name
+from scalelab.errors import ConfigError, DataError, DivergenceError, ScalelabError, unknown_name
+from scalelab.parallel.launch import WorkerFailure
 from scalelab.models import MODELS, build_model
 from scalelab.recipe import build_optimizer, build_schedule
 from scalelab.parallel.runtime import Runtime, init_runtime
@@ -135,6 +136,7 @@ class Trainer:
         self.resume = resume
         self.rt = Runtime()
         self._data = data
+        self._step = 0  # the step in progress, for error messages
 
     # ---- set-up -------------------------------------------------------------------------------------
     def _prepare_out(self) -> dict[str, Any] | None:
@@ -168,8 +170,21 @@ class Trainer:
         self.rt = init_runtime(self.cfg)
         try:
             return self._run()
+        except RuntimeError as e:
+            if not self.rt.distributed or not _is_comm_failure(e):
+                raise
+            raise self._comm_failure(e) from None
         finally:
             self.rt.shutdown()
+
+    def _comm_failure(self, e: RuntimeError) -> ScalelabError:
+        """Turn gloo's timeout or closed-connection error into one line naming the ranks that stopped."""
+        rt = self.rt
+        silent = rt.silent_ranks(self._step)
+        who = (f"rank(s) {', '.join(map(str, silent))} stopped responding (hung or dead)" if silent
+               else "a peer closed its connection")
+        return WorkerFailure(f"rank {rt.rank}: a collective at step {self._step} failed after waiting up to "
+                             f"parallel.timeout_s={rt.timeout_s:g} s: {who} ({str(e).splitlines()[0][:120]})")
 
     def _run(self) -> dict[str, Any]:
         cfg, t, rt = self.cfg, self.cfg.train, self.rt
@@ -252,7 +267,10 @@ class Trainer:
             while c.step < total:
                 if rank == cfg.faults.kill_rank and c.step == cfg.faults.kill_step and rt.restart_count == 0:
                     inject_kill(rank, c.step)
+                if rank == cfg.faults.hang_rank and c.step == cfg.faults.hang_step and rt.restart_count == 0:
+                    inject_hang(rank, c.step)
                 step_t0 = time.perf_counter()
+                self._step = c.step
                 epoch, k = divmod(c.step, spe)
                 if epoch != order_epoch:
                     order, order_epoch = epoch_order(len(x_train), t.seed, epoch).to(device), epoch
@@ -356,6 +374,18 @@ class Trainer:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
             "params_sha256": params_sha256(model),
         }
+
+
+def _is_comm_failure(e: RuntimeError) -> bool:
+    text = str(e).lower()
+    return any(k in text for k in ("timeout", "timed out", "connection closed", "connection reset", "pair closure"))
+
+
+def inject_hang(rank: int, step: int) -> None:
+    """Fault injection (``faults.hang_rank``): this worker stops responding, as in a deadlock or a stuck disk."""
+    print(f"faults: rank {rank} hangs at step {step}", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(3600)
 
 
 def inject_kill(rank: int, step: int) -> None:

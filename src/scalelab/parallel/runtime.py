@@ -69,6 +69,8 @@ class Runtime:
         self.device = device or torch.device("cpu")
         self.restart_count = restart_count
         self.group = None
+        self.store = None  # the job's key-value store (for diagnosing hangs); None when alone
+        self.timeout_s = 0.0
         self.comm = CommStats()
 
     @property
@@ -123,6 +125,22 @@ class Runtime:
             self.comm.exposed_s += max(0.0, time.perf_counter() - self.comm.last_launch)
             self.comm.last_launch = 0.0
 
+    def silent_ranks(self, step: int, wait_s: float = 10.0) -> list[int]:
+        """After a collective timed out: the ranks that do not answer within ``wait_s`` (hung or dead).
+
+        Every worker that is still alive posts its step to the job's store and waits for the others' posts; a
+        rank that posts nothing is stuck somewhere outside the collective (or gone).
+        """
+        if self.store is None:
+            return []
+        self.store.set(f"alive/{self.rank}", str(step))
+        deadline = time.monotonic() + wait_s
+        missing = [r for r in range(self.world_size) if r != self.rank]
+        while missing and time.monotonic() < deadline:
+            missing = [r for r in missing if not self.store.check([f"alive/{r}"])]
+            time.sleep(0.1)
+        return missing
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier(group=self.group)
@@ -175,6 +193,7 @@ def init_runtime(cfg: Config) -> Runtime:
         # addresses, and gloo would otherwise connect to them (seen with torch 2.13: "Connection refused").
         store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
         store = dist.PrefixStore(f"scalelab/attempt-{restarts}", store)
+        rt.store, rt.timeout_s = store, cfg.parallel.timeout_s
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
                                 **({"device_id": device} if use_cuda else {}))
     return rt
