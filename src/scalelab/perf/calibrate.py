@@ -67,6 +67,13 @@ def compute_step(batch: int, threads: int, repeats: int = 7) -> dict:
             "params": sum(p.numel() for p in model.parameters())}
 
 
+def copy_time(nbytes: int, threads: int) -> float:
+    """Median seconds to copy ``nbytes`` (a clone: read and write once), the cost of one pass over a buffer."""
+    torch.set_num_threads(threads)
+    buf = torch.ones(nbytes // 4)
+    return _median_time(lambda: buf.clone(), 9)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -150,9 +157,12 @@ def calibrate(worlds: tuple[int, ...] = (2, 4), rounds: int = 3) -> dict:
             local = compute_step(BATCH // world, threads)
             net = comm.Net(fit["alpha_s"], fit["bus_bandwidth"])
             t_comm = comm.ring_allreduce(single["params"] * 4, world, net)
-            predicted = local["step_s"] * share + t_comm        # gloo on CPU: no overlap with backward
+            # packing the gradient into one buffer, dividing it by N and copying it back: three passes
+            t_pack = 3 * copy_time(single["params"] * 4, threads) * share
+            predicted = local["step_s"] * share + t_pack + t_comm   # gloo on CPU: no overlap with backward
             measured = max(r["step_s"] for r in _spawn(world, "train"))
-            per_round.append({"allreduce": fit, "compute_s": local["step_s"] * share, "comm_s": t_comm,
+            per_round.append({"allreduce": fit, "compute_s": local["step_s"] * share, "pack_s": t_pack,
+                              "comm_s": t_comm,
                               "predicted_step_s": predicted, "measured_step_s": measured,
                               "ratio": predicted / measured, "load": os.getloadavg()[0]})
         mid = sorted(per_round, key=lambda r: r["ratio"])[len(per_round) // 2]
@@ -173,7 +183,8 @@ def format_calibration(r: dict) -> str:
         lines.append(f"  gloo {row['world']} processes: alpha {f['alpha_s'] * 1e6:.0f} us, bus bandwidth "
                      f"{f['bus_bandwidth'] / 1e9:.2f} GB/s")
         lines.append(f"    data-parallel step: predicted {row['predicted_step_s'] * 1e3:.1f} ms (compute "
-                     f"{row['compute_s'] * 1e3:.1f} + all-reduce {row['comm_s'] * 1e3:.1f}), measured "
+                     f"{row['compute_s'] * 1e3:.1f} + packing {row['pack_s'] * 1e3:.1f} + all-reduce "
+                     f"{row['comm_s'] * 1e3:.1f}), measured "
                      f"{row['measured_step_s'] * 1e3:.1f} ms, ratio {row['ratio']:.2f} (median of "
                      f"{', '.join(f'{x:.2f}' for x in row['ratios'])}; load {row['load']:.1f})")
     return "\n".join(lines)
