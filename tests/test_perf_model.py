@@ -203,3 +203,19 @@ def test_workshop_answer_is_consistent():
     # larger batches need more epochs, so the McCandlish answer never needs fewer devices
     need = {(u["accelerator"], u["rule"]): u["devices"] for u in r["under_a_minute"]}
     assert all(need[(a, "mccandlish")] >= need[(a, "35-epochs")] for a in ("h100", "v100", "a100", "tpu-v4"))
+
+
+def test_steps_table_interpolates_in_log_log(tmp_path):
+    from scalelab.errors import DataError
+    from scalelab.perf.stats import read_steps_table
+
+    f = tmp_path / "steps.csv"
+    f.write_text("batch,steps\n1024,4000\n256,16000\n4096,2000\n")
+    st = read_steps_table(f)
+    assert st.steps(256, 1) == 16000 and st.steps(4096, 1) == 2000
+    assert st.steps(512, 1) == pytest.approx(8000)              # halfway in log-log between 256 and 1024
+    assert st.steps(128, 1) == pytest.approx(32000)             # perfect scaling below the table
+    assert st.steps(65536, 1) == 2000                           # no gain beyond the largest measured batch
+    f.write_text("batch,steps\n1024,lots\n")
+    with pytest.raises(DataError, match="steps.csv:2"):
+        read_steps_table(f)

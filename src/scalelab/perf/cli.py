@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-scale", type=float, default=None, help="McCandlish B_noise (with --min-steps; "
                    "with --workshop: overrides its assumed 32768)")
     p.add_argument("--min-steps", type=float, default=None, help="McCandlish S_min (with --noise-scale)")
+    p.add_argument("--steps-table", default=None, metavar="FILE.csv", help="measured steps-to-target per "
+                   "global batch (columns batch,steps), e.g. from a batch-size sweep")
     p.add_argument("--compress", default=None, help="none, fp16, sign, qsgd:BITS, powersgd:FACTOR, dgc:SPARSITY")
     p.add_argument("--parallel", default="data", help="data, hybrid:MxD or pipeline:S")
     p.add_argument("--microbatches", type=int, default=None, help="pipeline micro-batches (default 4 x stages)")
@@ -91,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _steps(args) -> Steps:
+    if args.steps_table:
+        from scalelab.perf.stats import read_steps_table
+        return read_steps_table(args.steps_table)
     if args.noise_scale is not None or args.min_steps is not None:
         return Steps(epochs=args.epochs, noise_scale=args.noise_scale, min_steps=args.min_steps) \
             if args.epochs is None else Steps(epochs=args.epochs)
