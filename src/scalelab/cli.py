@@ -105,9 +105,13 @@ def _launch(cfg, out: Path, args) -> int:
     from scalelab.train import check_names, print_summary
 
     check_names(cfg)
-    if cfg.train.batch_size % args.nproc:
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by --nproc {args.nproc}; "
-                          f"each worker takes B/N")
+    used = args.nproc - cfg.parallel.backup_workers
+    if used < 1:
+        raise ConfigError(f"parallel.backup_workers: {cfg.parallel.backup_workers} leaves no worker of --nproc "
+                          f"{args.nproc}; allowed: 0 .. {args.nproc - 1}")
+    if cfg.train.batch_size % used:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the {used} workers "
+                          f"whose gradients are used (--nproc minus parallel.backup_workers); each takes B/N")
     if not args.resume and (list_checkpoints(out / "checkpoints") or (out / "summary.json").exists()):
         raise ConfigError(f"--out {out} already holds a run; add --resume to continue it, "
                           f"or choose another directory")

@@ -114,6 +114,18 @@ class ParallelConfig:
                                     "1 = per worker, 0 = all workers")
     backend: str = _f("auto", choices=("auto", "gloo", "nccl"), doc="auto: nccl on CUDA, gloo on CPU")
     timeout_s: float = _f(300.0, lo=1.0, doc="a collective waiting longer than this reports a hung worker")
+    backup_workers: int = _f(0, lo=0, doc="of the N workers, average the first N - b gradients of each step and "
+                                          "drop the b late ones (Chen et al. 2016)")
+
+
+@dataclass
+class StragglersConfig:
+    dist: str = _f("none", choices=("none", "fixed", "exp", "pareto"), doc="per-step delay of workers")
+    rank: int = _f(-1, lo=-1, doc="fixed: the slow rank")
+    delay_s: float = _f(0.05, lo=0.0, doc="fixed: the delay; exp: its mean; pareto: its scale (minimum)")
+    prob: float = _f(1.0, lo=0.0, hi=1.0, doc="exp/pareto: probability that a worker is delayed at a step")
+    shape: float = _f(1.5, lo=0.0, lo_open=True, doc="pareto: tail index (smaller = heavier tail)")
+    seed: int = _f(0, lo=0)
 
 
 @dataclass
@@ -131,6 +143,7 @@ class Config:
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    stragglers: StragglersConfig = field(default_factory=StragglersConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -143,7 +156,7 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "recipe": RecipeConfig, "train": TrainConfig,
-            "parallel": ParallelConfig, "faults": FaultsConfig}
+            "parallel": ParallelConfig, "stragglers": StragglersConfig, "faults": FaultsConfig}
 
 
 def _type_name(tp) -> str:

@@ -35,6 +35,7 @@ from scalelab.parallel.launch import WorkerFailure
 from scalelab.models import MODELS, build_model
 from scalelab.recipe import build_optimizer, build_schedule
 from scalelab.parallel.runtime import Runtime, init_runtime
+from scalelab.parallel.stragglers import BackupSync, straggler_delay
 from scalelab.track import Progress, Tracker, summary_table
 
 SUMMARY_KEYS = [
@@ -63,6 +64,7 @@ class Counters:
     restarts: int = 0
     comm_bytes: int = 0
     comm_s: float = 0.0
+    dropped_grads: int = 0
 
     def to_state(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,7 +171,9 @@ class Trainer:
         check_names(self.cfg)
         self.rt = init_runtime(self.cfg)
         try:
-            return self._run()
+            summary = self._run()
+            self.rt.barrier()  # leave together: a worker tearing down while others still talk can abort them
+            return summary
         except RuntimeError as e:
             if not self.rt.distributed or not _is_comm_failure(e):
                 raise
@@ -199,9 +203,14 @@ class Trainer:
         lo, hi = rank * len(data.x_test) // world, (rank + 1) * len(data.x_test) // world
         x_test, y_test = data.x_test[lo:hi].to(device, dtype), data.y_test[lo:hi].to(device)
         B = t.batch_size
-        if B % world:
-            raise ConfigError(f"train.batch_size: {B} is not divisible by the {world} workers; each takes B/N")
-        spe = steps_per_epoch(len(x_train), B)
+        used = world - cfg.parallel.backup_workers  # workers whose gradients make a step
+        if used < 1:
+            raise ConfigError(f"parallel.backup_workers: {cfg.parallel.backup_workers} leaves no worker of "
+                              f"{world}; allowed: 0 .. {world - 1}")
+        if B % used:
+            raise ConfigError(f"train.batch_size: {B} is not divisible by the {used} workers; each takes B/N")
+        read = B // used * world  # samples read per step: with backup workers, the late shares are dropped
+        spe = steps_per_epoch(len(x_train), read)
         total = t.max_steps or max(1, math.ceil(t.epochs * spe))
         eval_every = t.eval_every or spe
         ckpt_every = t.checkpoint_every or spe
@@ -218,13 +227,16 @@ class Trainer:
             c.restarts += 1
             ckpt.set_rng_state(resume_state["rng"])
             self._log(f"resumed from step {c.step} (epoch {c.step / spe:.2f}) in {self.out}")
-        model = rt.wrap(base, cfg)
+        backup = BackupSync(rt, used) if cfg.parallel.backup_workers else None
+        model = rt.wrap(base, cfg, ddp=backup is None)
+        params = [p for p in base.parameters()]
         comm0_bytes, comm0_s = c.comm_bytes, c.comm_s
         tracker = Tracker(self.out if rt.is_main else None,
                           resume_step=c.step if resume_state is not None else None)
         self._log(f"run {cfg.run_name()}: {data.name} ({len(x_train)} train / {len(data.x_test)} test), "
                   f"{cfg.model.name}, {cfg.recipe.optimizer}, B={B}"
-                  + (f" = {world} workers x {B // world}" if world > 1 else "")
+                  + (f" = {used} workers x {B // used}" if world > 1 else "")
+                  + (f" (+{world - used} backup)" if world > used else "")
                   + f", {total} steps ({spe}/epoch), lr {sched}, device {device}, "
                   f"{torch.get_num_threads()} threads" + ("/worker" if world > 1 else "")
                   + (f", {cfg.parallel.emulate_workers} emulated workers"
@@ -245,6 +257,7 @@ class Trainer:
 
         def do_eval() -> bool:
             t0 = time.perf_counter()
+            rt.broadcast_state(base, buffers_only=True)  # every worker evaluates with rank 0's BN statistics
             loss_sum, correct, n = evaluate_sums(base, x_test, y_test, t.eval_batch)
             sums = rt.all_reduce_sum(torch.tensor([loss_sum, correct, n], dtype=torch.float64))
             loss, acc, n = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item(), int(sums[2])
@@ -274,19 +287,33 @@ class Trainer:
                 epoch, k = divmod(c.step, spe)
                 if epoch != order_epoch:
                     order, order_epoch = epoch_order(len(x_train), t.seed, epoch).to(device), epoch
-                idx = batch_indices(order, k, B, rank, world)
+                idx = batch_indices(order, k, read, rank, world)
                 lr = sched(c.step)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 xb, yb = x_train[idx], y_train[idx]
-                out = model(xb)
-                loss = F.cross_entropy(out, yb, label_smoothing=cfg.recipe.label_smoothing)
+                delay = straggler_delay(cfg.stragglers, rank, c.step)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                rt.end_backward()
-                # the mean loss over all workers (equal shares): the same on every rank, so every rank takes
-                # the same decision about a non-finite loss
-                loss_v = rt.all_reduce_sum(loss.detach().clone()).item() / world
+                if backup is None:
+                    if delay:
+                        time.sleep(delay)
+                    out = model(xb)
+                    loss = F.cross_entropy(out, yb, label_smoothing=cfg.recipe.label_smoothing)
+                    loss.backward()
+                    rt.end_backward()
+                    # the mean loss over all workers (equal shares): the same on every rank, so every rank
+                    # takes the same decision about a non-finite loss
+                    loss_v = rt.all_reduce_sum(loss.detach().clone()).item() / world
+                else:
+                    out, loss, included = None, torch.zeros((), dtype=dtype), False
+                    if backup.wait(delay, c.step):
+                        out = model(xb)
+                        loss = F.cross_entropy(out, yb, label_smoothing=cfg.recipe.label_smoothing)
+                        loss.backward()
+                        included = backup.arrive(c.step)
+                    loss_v, dropped = backup.reduce(params, loss, included, c.step)
+                    c.dropped_grads += len(dropped)
+                    tracker.log("backup", c.step, dropped=dropped)
                 finite = math.isfinite(loss_v)
                 if finite and cfg.recipe.grad_clip:
                     gn = torch.nn.utils.clip_grad_norm_(base.parameters(), cfg.recipe.grad_clip)
@@ -309,8 +336,8 @@ class Trainer:
                 c.comm_bytes, c.comm_s = comm0_bytes + rt.comm.bytes_sent, comm0_s + rt.comm.exposed_s
 
                 if c.step % t.log_every == 0 or c.step == total:
-                    hits = rt.all_reduce_sum(torch.tensor([(out.argmax(1) == yb).sum().item(), len(yb)],
-                                                          dtype=torch.float64))
+                    mine = [(out.argmax(1) == yb).sum().item(), len(yb)] if out is not None else [0, 0]
+                    hits = rt.all_reduce_sum(torch.tensor(mine, dtype=torch.float64))
                     acc = (hits[0] / hits[1]).item()
                     dt = c.train_s - log_t0
                     sps = (c.step - log_step0) * B / dt if dt > 0 else 0.0
@@ -371,6 +398,8 @@ class Trainer:
             "comm_s": c.comm_s,
             "compute_s": c.train_s - c.comm_s,
             "restarts": c.restarts,
+            "backup_workers": self.cfg.parallel.backup_workers,
+            "dropped_grads": c.dropped_grads,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
             "params_sha256": params_sha256(model),
         }

@@ -82,8 +82,11 @@ class Runtime:
         return self.rank == 0
 
     # ---- model ---------------------------------------------------------------------------------------------
-    def wrap(self, model: nn.Module, cfg: Config) -> nn.Module:
-        """Wrap in DDP (with the accounting hook) and set up cross-replica BN groups; identity when alone."""
+    def wrap(self, model: nn.Module, cfg: Config, ddp: bool = True) -> nn.Module:
+        """Wrap in DDP (with the accounting hook) and set up cross-replica BN groups; identity when alone.
+
+        ``ddp=False`` leaves gradient averaging to the caller (backup workers average a subset).
+        """
         from scalelab.recipe.norm import set_cross_replica, set_emulated_workers
 
         p = cfg.parallel
@@ -104,6 +107,9 @@ class Runtime:
                 if start <= self.rank < start + size:
                     mine = g
             set_cross_replica(model, mine, size)
+        if not ddp:
+            self.broadcast_state(model)  # start from rank 0's state, as DDP does
+            return model
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         ddp.register_comm_hook(self, _allreduce_hook)
@@ -140,6 +146,14 @@ class Runtime:
             missing = [r for r in missing if not self.store.check([f"alive/{r}"])]
             time.sleep(0.1)
         return missing
+
+    def broadcast_state(self, model: nn.Module, buffers_only: bool = False) -> None:
+        """Copy rank 0's parameters (unless ``buffers_only``) and buffers to every worker."""
+        if not self.distributed:
+            return
+        tensors = ([] if buffers_only else list(model.parameters())) + list(model.buffers())
+        for t in tensors:
+            dist.broadcast(t.data, src=0, group=self.group)
 
     def barrier(self) -> None:
         if self.distributed:
