@@ -3,7 +3,8 @@
     python bench/perf_records.py            # writes bench/results/perf_records.json
 
 The peer figure is the published time of each record (DESIGN.md sources); the model's constants are the
-family constants of src/scalelab/perf/catalog.toml, the same for every record of a family, never fitted per row.
+family constants of src/scalelab/perf/catalog.toml, the same for every record of a family, never fitted
+per row.
 """
 
 from __future__ import annotations

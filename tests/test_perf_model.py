@@ -19,7 +19,7 @@ from scalelab.perf.workload import count_module, workload
 NET = comm.Net(alpha=1e-5, bandwidth=1e9, gamma=0.0)
 
 
-# --- all-reduce formulas against hand-computed values -----------------------------------------------------------
+# --- all-reduce formulas against hand-computed values ---
 def test_ring_allreduce_by_hand():
     # p = 4, S = 100 MB at 1 GB/s, alpha 10 us: 2*3*10us + 2*3/4 * 0.1 s = 60 us + 0.15 s
     assert comm.ring_allreduce(100e6, 4, NET) == pytest.approx(60e-6 + 0.15)
@@ -69,7 +69,7 @@ def test_compression_specs():
         comm.Compression.parse("zip:3")
 
 
-# --- FLOP counts of known layers ---------------------------------------------------------------------------------
+# --- FLOP counts of known layers ---
 def test_linear_flops_match_formula():
     n, fin, fout = 8, 32, 16
     c = count_module(nn.Linear(fin, fout), torch.randn(n, fin, requires_grad=True))
@@ -100,7 +100,7 @@ def test_resnet50_forward_flops():
     assert wl.bytes_fused < wl.bytes_unfused
 
 
-# --- projection properties ---------------------------------------------------------------------------------------
+# --- projection properties ---
 def _base(**kw) -> Setup:
     wl = workload("resnet50", "imagenet")
     return Setup(wl, kw.pop("accelerator", "h100"), kw.pop("devices", 64), kw.pop("batch", 3200),
@@ -151,7 +151,8 @@ def test_pipeline_bubble_and_hybrid():
 
 
 def test_assumptions_are_stated():
-    p = project(_base(per_node=None, interconnect=None, accelerator="knl", devices=16, batch=256), load_catalog())
+    setup = _base(per_node=None, interconnect=None, accelerator="knl", devices=16, batch=256)
+    p = project(setup, load_catalog())
     assert any("interconnect not given" in a for a in p.assumptions)
     assert any("per_node not given" in a for a in p.assumptions)
 
@@ -183,7 +184,8 @@ def test_catalog_names_and_errors():
 def test_user_catalog_adds_entries(tmp_path):
     f = tmp_path / "mine.toml"
     f.write_text('[accelerator.b200]\nfamily = "hopper"\npeak = { bf16 = 2250e12 }\nmemory = 192e9\n'
-                 'memory_bw = 8e12\nnode_link = "nvlink4"\ndefault_per_node = 8\ndefault_network = "8xib-ndr"\n')
+                 'memory_bw = 8e12\nnode_link = "nvlink4"\ndefault_per_node = 8\n'
+                 'default_network = "8xib-ndr"\n')
     cat = load_catalog(f)
     assert project(_base(accelerator="b200"), cat).total_s < project(_base(), cat).total_s
     f.write_text('[accelerator.x]\nfamily = "nope"\n')

@@ -78,7 +78,8 @@ def test_cli_projection_and_sweep(run_cli, tmp_path):
     proc = run_cli("project", "--model", "resnet50", "--dataset", "imagenet", "--hardware", "h100",
                    "--devices", "64", "--per-node", "8", "--interconnect", "8xib-ndr", "--batch", "3264",
                    "--epochs", "40", "--compress", "dgc:0.999", check=True)
-    for word in ("compute per step", "communication", "overlapped", "input pipeline", "steps", "time-to-train"):
+    for word in ("compute per step", "communication", "overlapped", "input pipeline", "steps",
+                 "time-to-train"):
         assert word in proc.stdout
     png = tmp_path / "sweep.png"
     proc = run_cli("project", "--hardware", "v100", "--devices", "1..4096", "--noise-scale", "20000",

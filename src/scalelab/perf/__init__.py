@@ -1,4 +1,5 @@
-"""Performance model: project time-to-train of a workload on other hardware, checked against published records.
+"""Performance model: project time-to-train of a workload on other hardware, checked against published
+records.
 
 Public API:
     >>> from scalelab.perf import load_catalog, workload, project, Setup

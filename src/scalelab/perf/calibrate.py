@@ -28,7 +28,8 @@ import torch.multiprocessing as mp
 
 from scalelab.perf import comm
 
-MODEL = ("mlp", 2048, 2, (1, 40), 10)      # name, width, depth, input shape, classes: ~4.3M params, 17 MB grads
+# name, width, depth, input shape, classes: ~4.3M parameters, 17 MB of gradients
+MODEL = ("mlp", 2048, 2, (1, 40), 10)
 BATCH = 512
 SIZES = (4 * 1024, 64 * 1024 * 1024)       # bytes: latency probe and bandwidth probe
 
@@ -55,7 +56,7 @@ def _median_time(fn, repeats: int, warmup: int = 2) -> float:
 
 
 def compute_step(batch: int, threads: int, repeats: int = 7) -> dict:
-    """Median seconds of one forward+backward+SGD step of MODEL on ``batch`` samples with ``threads`` threads."""
+    """Median seconds of one forward+backward+SGD step of MODEL on ``batch`` samples, ``threads`` threads."""
     from scalelab.perf.workload import count_module
 
     model, shape, classes = _model(threads)
@@ -74,7 +75,7 @@ def compute_step(batch: int, threads: int, repeats: int = 7) -> dict:
 
 
 def copy_time(nbytes: int, threads: int) -> float:
-    """Median seconds to copy ``nbytes`` (a clone: read and write once), the cost of one pass over a buffer."""
+    """Median seconds to copy ``nbytes`` (a clone reads and writes once): one pass over a buffer."""
     torch.set_num_threads(threads)
     buf = torch.ones(nbytes // 4)
     return _median_time(lambda: buf.clone(), 9)
@@ -111,11 +112,12 @@ def _spawn(world: int) -> list[dict]:
 
 
 def scalelab_train_step(world: int, steps: int = 60) -> dict:
-    """Run ``scalelab train --nproc world`` on MODEL for ``steps`` steps; seconds per step from its summary."""
+    """Run ``scalelab train --nproc world`` for ``steps`` steps; seconds per step from its summary."""
     name, width, depth, _, _ = MODEL
     with tempfile.TemporaryDirectory(prefix="scalelab-calibrate-") as tmp:
-        cmd = [sys.executable, "-m", "scalelab", "train", "--nproc", str(world), "--no-progress", "--out", tmp,
-               "--set", f"model.name={name}", "--set", f"model.width={width}", "--set", f"model.depth={depth}",
+        cmd = [sys.executable, "-m", "scalelab", "train", "--nproc", str(world), "--no-progress",
+               "--out", tmp, "--set", f"model.name={name}", "--set", f"model.width={width}",
+               "--set", f"model.depth={depth}",
                "--set", f"train.batch_size={BATCH}", "--set", f"train.max_steps={steps}",
                "--set", "data.name=mnist1d"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -159,13 +161,15 @@ def calibrate(worlds: tuple[int, ...] = (1, 2, 4), rounds: int = 3) -> dict:
             t_comm = 0.0
             t_pack = 0.0
             if fit:
-                t_comm = comm.ring_allreduce(grad_bytes, world, comm.Net(fit["alpha_s"], fit["bus_bandwidth"]))
+                net = comm.Net(fit["alpha_s"], fit["bus_bandwidth"])
+                t_comm = comm.ring_allreduce(grad_bytes, world, net)
                 # DDP copies the gradients into its buckets, divides by N and copies them back: three passes
                 t_pack = 3 * copy_time(grad_bytes, threads) * share
             predicted = local["step_s"] * share + t_pack + t_comm
             measured = scalelab_train_step(world)
             per_round.append({"allreduce": fit, "compute_s": local["step_s"] * share, "pack_s": t_pack,
-                              "comm_s": t_comm, "predicted_step_s": predicted, "measured_step_s": measured["step_s"],
+                              "comm_s": t_comm, "predicted_step_s": predicted,
+                              "measured_step_s": measured["step_s"],
                               "measured_comm_bytes": measured["comm_bytes_per_step"],
                               "ratio": predicted / measured["step_s"], "load": os.getloadavg()[0]})
         mid = sorted(per_round, key=lambda r: r["ratio"])[len(per_round) // 2]
@@ -187,8 +191,9 @@ def format_calibration(r: dict) -> str:
             lines.append(f"  gloo {row['world']} processes: alpha {f['alpha_s'] * 1e6:.0f} us, bus bandwidth "
                          f"{f['bus_bandwidth'] / 1e9:.2f} GB/s")
         lines.append(f"    scalelab train --nproc {row['world']} step: predicted "
-                     f"{row['predicted_step_s'] * 1e3:.1f} ms (compute {row['compute_s'] * 1e3:.1f} + packing {row['pack_s'] * 1e3:.1f} + all-reduce "
-                     f"{row['comm_s'] * 1e3:.1f}), measured "
+                     f"{row['predicted_step_s'] * 1e3:.1f} ms (compute {row['compute_s'] * 1e3:.1f}"
+                     f" + packing {row['pack_s'] * 1e3:.1f} + all-reduce {row['comm_s'] * 1e3:.1f}), "
+                     f"measured "
                      f"{row['measured_step_s'] * 1e3:.1f} ms, ratio {row['ratio']:.2f} (median of "
                      f"{', '.join(f'{x:.2f}' for x in row['ratios'])}; load {row['load']:.1f})")
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 The data lives in ``catalog.toml`` next to this module, one entry per device or network, each with its source
 (vendor datasheets, Norrie et al. 2021 for TPU v2/v3, Jouppi et al. 2023 for TPU v4, the InfiniBand Trade
-Association and IEEE 802.3 for networks). Users extend or override it with their own TOML file of the same shape.
+Association and IEEE 802.3 for networks). Users extend or override it with their own TOML file of the same
+shape.
 
 Example:
     >>> cat = load_catalog()
@@ -60,7 +61,8 @@ class Accelerator:
         for d in (dtype, {"bf16": "fp16", "fp16": "bf16"}.get(dtype, dtype)):
             if d in self.peak:
                 return self.peak[d]
-        raise ConfigError(f"accelerator {self.name} has no {dtype} peak; known: {', '.join(sorted(self.peak))}")
+        known = ", ".join(sorted(self.peak))
+        raise ConfigError(f"accelerator {self.name} has no {dtype} peak; known: {known}")
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,16 @@ from scalelab.perf.workload import workload
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="resnet50", help="a scalelab model, bert-large or gpt2 (default resnet50)")
+    p.add_argument("--model", default="resnet50",
+                   help="a scalelab model, bert-large or gpt2 (default resnet50)")
     p.add_argument("--dataset", default=None, help="imagenet, cifar10, mnist1d, digits, wikibooks-512, "
                    "webtext-1024 (default: the model's)")
     p.add_argument("--hardware", default="h100", help="accelerator name from the catalog (default h100)")
     p.add_argument("--devices", default="64", help="N, or a sweep LO..HI (powers of two) or N,M,...")
     p.add_argument("--per-node", type=int, default=None, help="devices per node (default: the accelerator's)")
     p.add_argument("--interconnect", default=None, help="network between nodes, [N x]name, e.g. 8xib-ndr")
-    p.add_argument("--batch", type=int, default=None, help="global batch (default per-device-batch x devices)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="global batch (default per-device-batch x devices)")
     p.add_argument("--per-device-batch", type=int, default=32, help="sweeps: batch per device (default 32)")
     p.add_argument("--max-batch", type=int, default=None, help="sweeps: cap on the global batch")
     p.add_argument("--epochs", type=float, default=None, help="epochs to the target (default 35 if no "
@@ -40,10 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-steps", type=float, default=None, help="McCandlish S_min (with --noise-scale)")
     p.add_argument("--steps-table", default=None, metavar="FILE.csv", help="measured steps-to-target per "
                    "global batch (columns batch,steps), e.g. from a batch-size sweep")
-    p.add_argument("--compress", default=None, help="none, fp16, sign, qsgd:BITS, powersgd:FACTOR, dgc:SPARSITY")
+    p.add_argument("--compress", default=None,
+                   help="none, fp16, sign, qsgd:BITS, powersgd:FACTOR, dgc:SPARSITY")
     p.add_argument("--parallel", default="data", help="data, hybrid:MxD or pipeline:S")
-    p.add_argument("--microbatches", type=int, default=None, help="pipeline micro-batches (default 4 x stages)")
-    p.add_argument("--algorithm", default="auto", help="all-reduce: auto, ring, tree, hierarchical, torus, ps")
+    p.add_argument("--microbatches", type=int, default=None,
+                   help="pipeline micro-batches (default 4 x stages)")
+    p.add_argument("--algorithm", default="auto",
+                   help="all-reduce: auto, ring, tree, hierarchical, torus, ps")
     p.add_argument("--input-rate", type=float, default=None, help="input pipeline samples/s per node")
     p.add_argument("--catalog", default=None, metavar="FILE.toml", help="extra/overriding catalog entries")
     p.add_argument("--records", default=None, metavar="FILE.csv", help="predict every record of the file")
@@ -85,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps([p.to_dict() for p in ps], indent=2))
     else:
         print(format_sweep(ps))
-        print(f"fastest: {best.setup['devices']} devices, {_dur(best.total_s)}; beyond it more devices do not "
+        print(f"fastest: {best.setup['devices']} devices, {_dur(best.total_s)}; beyond it more devices do "
+              "not "
               "pay" if best is not ps[-1] else f"still falling at {best.setup['devices']} devices")
         if args.plot:
             print(f"plot: {args.plot}")
@@ -151,7 +157,8 @@ def format_projection(p: Projection) -> str:
         f"  optimizer update     {p.optimizer_s * ms:9.2f} ms",
         f"  communication        {p.comm_s * ms:9.2f} ms  ({p.algorithm}, {p.comm_bytes / 1e6:.1f} MB "
         f"{s['comm_dtype']}, compress {s['compress']})",
-        f"    overlapped         {p.comm_overlap_s * ms:9.2f} ms  with backward; exposed {p.comm_exposed_s * ms:.2f} ms",
+        f"    overlapped         {p.comm_overlap_s * ms:9.2f} ms  with backward; exposed "
+        f"{p.comm_exposed_s * ms:.2f} ms",
     ]
     if p.model_parallel_s or p.bubble_fraction:
         lines.append(f"  model/pipeline comm  {p.model_parallel_s * ms:9.2f} ms  (bubble "

@@ -1,13 +1,14 @@
 """Communication cost models for the gradient exchange of synchronous data parallelism.
 
-All use the alpha-beta-gamma form (Hockney 1994; Thakur, Rabenseifner & Gropp 2005, "Optimization of Collective
-Communication Operations in MPICH", IJHPCA 19(1)): a message of n bytes costs ``alpha + n / bandwidth``, and
-reducing n bytes costs ``n * gamma`` (gamma = seconds per byte of the local addition).
+All use the alpha-beta-gamma form (Hockney 1994; Thakur, Rabenseifner & Gropp 2005, "Optimization of
+Collective Communication Operations in MPICH", IJHPCA 19(1)): a message of n bytes costs
+``alpha + n / bandwidth``, and reducing n bytes costs ``n * gamma`` (gamma = seconds per byte of the local
+addition).
 
 * Ring all-reduce (Patarasuk & Yuan 2009; Baidu's ring all-reduce 2017): a reduce-scatter then an all-gather,
   ``2(p-1) alpha + 2(p-1)/p * S/bw + (p-1)/p * S * gamma``: each rank sends 2(p-1)/p of the bytes.
-* Tree all-reduce: a binary-tree reduce then broadcast, ``2 ceil(log2 p) (alpha + S/bw) + ceil(log2 p) S gamma``
-  (Thakur et al. 2005, Section 4).
+* Tree all-reduce: a binary-tree reduce then broadcast,
+  ``2 ceil(log2 p) (alpha + S/bw) + ceil(log2 p) S gamma`` (Thakur et al. 2005, Section 4).
 * Hierarchical (Jia et al. 2018, arXiv 1807.11205; Goyal et al. 2017, Section 4): reduce-scatter inside each
   node over its link, all-reduce of the node's 1/g share across nodes over the network (each of the g devices
   drives its own share, so they share the node's links), all-gather inside the node.
@@ -15,8 +16,8 @@ reducing n bytes costs ``n * gamma`` (gamma = seconds per byte of the local addi
   the rows of an X x Y grid, all-reduce of the 1/X share along the columns, all-gather along the rows.
 * Parameter server (Dean et al. 2012; Li et al. 2014): every worker pushes its gradient and pulls the
   parameters; with k server shards the busiest link carries ``max(S, p S / k)`` each way.
-* Sparse all-gather (Lin et al. 2018 DGC; Renggli et al. SparCML): compressed (index, value) gradients cannot be
-  summed in flight, so each rank gathers the p-1 others: ``(p-1) alpha + (p-1) * S_c / bw``.
+* Sparse all-gather (Lin et al. 2018 DGC; Renggli et al. SparCML): compressed (index, value) gradients cannot
+  be summed in flight, so each rank gathers the p-1 others: ``(p-1) alpha + (p-1) * S_c / bw``.
 """
 
 from __future__ import annotations
@@ -118,10 +119,11 @@ def sparse_allgather(size: float, p: int, net: Net) -> float:
 
 @dataclass(frozen=True)
 class Compression:
-    """A gradient compressor's effect on the wire: bytes factor and whether the result can be summed in flight.
+    """A gradient compressor's effect on the wire: bytes factor, and whether it can be summed in flight.
 
     ``spec``: ``none``; ``fp16`` (x1/2 of fp32); ``sign`` (1 bit per value, Bernstein et al. 2018);
-    ``qsgd:BITS`` (Alistarh et al. 2017); ``powersgd:FACTOR`` (the low-rank factor, Vogels et al. 2019; summable);
+    ``qsgd:BITS`` (Alistarh et al. 2017); ``powersgd:FACTOR`` (the low-rank factor, Vogels et al. 2019;
+    summable);
     ``dgc:SPARSITY`` or ``topk:SPARSITY`` (Lin et al. 2018: values + 32-bit indices of the kept fraction,
     gathered, not summed).
     """

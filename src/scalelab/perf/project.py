@@ -4,17 +4,19 @@ Per optimizer step, for one device (all devices do the same work in synchronous 
 
 1. Compute (roofline; Williams, Waterman & Patterson 2009, "Roofline", CACM 52(4)): every sample costs
    ``max(F / (peak * compute_eff), M / (memory_bw * memory_eff))`` where F is the counted forward+backward
-   FLOPs, M the bytes moved (un-fused, or fused for XLA-style families) in the family's training dtype, and the
-   two efficiencies are the family constants of the catalog. ``b`` samples per device cost ``b`` times that.
-2. Optimizer update: ``params * 20 bytes`` (read fp32 weight, gradient, momentum; write weight, momentum) at the
-   memory bandwidth, plus the family's fixed per-step overhead.
-3. Communication: the gradient all-reduce (``comm``) in the communication dtype, after compression. It overlaps
-   with backward in buckets as gradients become ready (Goyal et al. 2017, Section 4; Li et al. 2020, "PyTorch
-   Distributed", VLDB 13(12), 25 MB buckets): exposed = ``max(t_comm - t_backward, t_last_bucket)``.
+   FLOPs, M the bytes moved (un-fused, or fused for XLA-style families) in the family's training dtype,
+   and the two efficiencies are the family constants of the catalog. ``b`` samples per device cost ``b``
+   times that.
+2. Optimizer update: ``params * 20 bytes`` (read fp32 weight, gradient, momentum; write weight, momentum)
+   at the memory bandwidth, plus the family's fixed per-step overhead.
+3. Communication: the gradient all-reduce (``comm``) in the communication dtype, after compression. It
+   overlaps with backward in buckets as gradients become ready (Goyal et al. 2017, Section 4; Li et al.
+   2020, "PyTorch Distributed", VLDB 13(12), 25 MB buckets):
+   exposed = ``max(t_comm - t_backward, t_last_bucket)``.
 4. Model parallelism: ``hybrid:MxD`` (Gholami et al. 2017, "Integrated Model, Batch and Domain Parallelism",
    arXiv 1712.04432) splits every layer across M devices, which exchange activations (all-gather forward,
-   reduce-scatter backward) and all-reduce only 1/M of the gradient across D replicas. ``pipeline:S`` (Huang et
-   al. 2019, "GPipe", arXiv 1811.06965) splits the layers into S stages run on m micro-batches: the bubble
+   reduce-scatter backward) and all-reduce only 1/M of the gradient across D replicas. ``pipeline:S`` (Huang
+   et al. 2019, "GPipe", arXiv 1811.06965) splits the layers into S stages run on m micro-batches: the bubble
    makes compute ``(m + S - 1) / m`` times the ideal 1/S share.
 5. Input pipeline: if a per-node input rate is given, a step cannot be faster than the node's samples over it
    (prefetching overlaps it with everything else).
@@ -90,7 +92,7 @@ class Projection:
 
 
 def parse_parallel(spec: str, devices: int) -> tuple[str, int, int]:
-    """``data`` -> (data, 1, devices); ``hybrid:MxD`` -> (hybrid, M, D); ``pipeline:S`` -> (pipeline, S, n/S)."""
+    """``data`` -> (data, 1, n); ``hybrid:MxD`` -> (hybrid, M, D); ``pipeline:S`` -> (pipeline, S, n/S)."""
     kind, _, arg = spec.strip().lower().partition(":")
     try:
         if kind == "data" and not arg:

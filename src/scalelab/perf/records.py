@@ -61,7 +61,8 @@ def read_records(path: str | Path, catalog: Catalog | None = None) -> list[Recor
         if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
             continue
         if len(row) != len(header):
-            raise DataError(f"{path}:{lineno}: {len(row)} fields, expected {len(header)} ({','.join(header)})")
+            raise DataError(f"{path}:{lineno}: {len(row)} fields, expected {len(header)} "
+                            f"({','.join(header)})")
         cells = {h: c.strip() for h, c in zip(header, row)}
         records.append(_parse_row(cells, f"{path}:{lineno}", cat))
     if not records:
@@ -99,7 +100,7 @@ def _parse_row(c: dict[str, str], where: str, cat: Catalog) -> Record:
 
 
 def predict_records(records: list[Record], catalog: Catalog | None = None) -> list[dict]:
-    """Predict every record: name, predicted_s, actual_s, ratio (predicted / actual), error (>= 1), breakdown."""
+    """Predict every record: name, predicted_s, actual_s, ratio (predicted/actual), error (>= 1), details."""
     out = []
     for r in records:
         p = project(Setup(workload(r.model, r.dataset), r.accelerator, r.count, r.global_batch,

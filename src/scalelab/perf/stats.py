@@ -1,14 +1,16 @@
 """Statistical efficiency: how many optimizer steps a run needs at global batch B.
 
-* Given epochs E over N samples: ``steps = E * N / B`` (the records' recipes; perfect scaling by construction).
+* Given epochs E over N samples: ``steps = E * N / B`` (the records' recipes; perfect scaling by
+  construction).
 * Measured: a table of (batch, steps-to-target) pairs, e.g. from a batch-size sweep (Shallue et al. 2018,
   arXiv 1811.03600), interpolated linearly in log-log space; below the smallest batch it scales perfectly
   (steps x 2 when the batch halves), above the largest it stays at the last measured steps (the table shows no
   further gain). ``read_steps_table`` reads a CSV with ``batch`` and ``steps`` columns.
 * McCandlish et al. 2018, "An Empirical Model of Large-Batch Training" (arXiv 1812.06162), eq. 2.11:
   ``S = S_min (1 + B_noise / B)`` and ``E = E_min (1 + B / B_noise)`` samples, with the gradient noise scale
-  B_noise (about B_simple = tr(Sigma)/|G|^2). Below B_noise, doubling B halves the steps (perfect scaling); above
-  it the steps approach S_min and more devices stop helping (Shallue et al. 2018 see the same three regimes).
+  B_noise (about B_simple = tr(Sigma)/|G|^2). Below B_noise, doubling B halves the steps (perfect scaling);
+  above it the steps approach S_min and more devices stop helping (Shallue et al. 2018 see the same three
+  regimes).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from scalelab.errors import ConfigError, DataError
 
 @dataclass(frozen=True)
 class Steps:
-    """Steps needed at a batch: ``epochs`` given, or the McCandlish model with ``noise_scale``, ``min_steps``."""
+    """Steps needed at a batch: ``epochs`` given, McCandlish (``noise_scale``, ``min_steps``) or a table."""
 
     epochs: float | None = None
     noise_scale: float | None = None
@@ -52,7 +54,8 @@ class Steps:
 
     def describe(self) -> str:
         if self.table is not None:
-            return f"measured steps at {len(self.table)} batch sizes ({self.table[0][0]:g}..{self.table[-1][0]:g})"
+            lo, hi = self.table[0][0], self.table[-1][0]
+            return f"measured steps at {len(self.table)} batch sizes ({lo:g}..{hi:g})"
         if self.epochs is not None:
             return f"{self.epochs:g} epochs given"
         return f"McCandlish S = {self.min_steps:g} (1 + {self.noise_scale:g}/B)"
@@ -83,7 +86,7 @@ def table_steps(batch: float, table: tuple[tuple[float, float], ...]) -> float:
 
 
 def read_steps_table(path: str | Path) -> Steps:
-    """A CSV with columns ``batch`` and ``steps`` (steps to the target at that global batch) as :class:`Steps`."""
+    """A CSV with columns ``batch`` and ``steps`` (steps to the target at that global batch)."""
     path = Path(path)
     try:
         rows = list(csv.DictReader(path.read_text().splitlines()))

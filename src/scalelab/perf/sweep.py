@@ -1,4 +1,4 @@
-"""Device sweeps: predicted time-to-train against the number of devices, where it stops falling, and a plot."""
+"""Device sweeps: predicted time-to-train against devices, where it stops falling, and a plot."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def fastest(projections: list[Projection]) -> Projection:
     return min(projections, key=lambda p: p.total_s)
 
 
-def plot(series: dict[str, list[Projection]], path: str | Path, title: str, hline: float | None = None) -> Path:
+def plot(series: dict[str, list[Projection]], path: str | Path, title: str,
+         hline: float | None = None) -> Path:
     """Predicted time-to-train against devices, one line per label, log-log, saved as PNG."""
     import matplotlib
     matplotlib.use("Agg")

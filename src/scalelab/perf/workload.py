@@ -10,7 +10,8 @@ Conventions (be careful when comparing with papers):
   ~24.3e9 (backward ~2x forward: gradients of inputs and of weights; the stem has no input gradient).
   Only matmuls and convolutions are counted; elementwise work is left to the memory term.
 * Bytes (counted at batches 2 and 4 and split into a per-sample part and a per-step part, the weights and
-  their gradients): ``bytes_unfused`` sums the inputs and outputs of every aten op (views excluded) of forward + backward,
+  their gradients): ``bytes_unfused`` sums the inputs and outputs of every aten op (views excluded) of
+  forward + backward,
   i.e. the HBM traffic of an op-by-op (eager) execution. ``bytes_fused`` counts only convolution/matmul inputs
   and outputs: the traffic when the compiler fuses every elementwise and norm op into them (XLA on TPU).
   Both are reported for the training dtype (counted in fp32 and scaled by the dtype's size).
@@ -56,7 +57,8 @@ TRANSFORMERS = {  # name -> (layers, d_model, heads, d_ff, dataset)
 DEFAULT_DATASET = {"bert-large": "wikibooks-512", "gpt2": "webtext-1024", "resnet50": "imagenet",
                    "resnet18": "imagenet"}
 _VIEWS = {"view", "_unsafe_view", "t", "detach", "expand", "as_strided", "transpose", "permute", "unsqueeze",
-          "squeeze", "slice", "select", "alias", "split", "split_with_sizes", "unbind", "reshape", "_reshape_alias"}
+          "squeeze", "slice", "select", "alias", "split", "split_with_sizes", "unbind", "reshape",
+          "_reshape_alias"}
 _HEAVY = {"convolution", "convolution_backward", "mm", "addmm", "bmm", "baddbmm",
           "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
           "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward"}
@@ -74,7 +76,7 @@ class Workload:
     bytes_fused: float        # fp32 bytes read+written by convolutions/matmuls only, per sample
     bytes_unfused_step: float # the batch-independent part per device and step (weights read, weight grads)
     bytes_fused_step: float
-    boundary_bytes: float     # fp32 bytes of the outputs of the heavy forward ops (activations between layers)
+    boundary_bytes: float     # fp32 bytes of the heavy forward ops' outputs (activations between layers)
     layers: int               # number of heavy forward ops (model-parallel messages per pass)
     params: int
     dataset_size: int
@@ -133,7 +135,7 @@ class _TokenModel(nn.Module):
 
 
 def count_module(model: nn.Module, sample: torch.Tensor) -> dict[str, float]:
-    """FLOPs and bytes of one forward+backward of ``model`` on the batch ``sample``, divided by its batch size.
+    """FLOPs and bytes of one forward+backward of ``model`` on the batch ``sample``, per sample.
 
     Runs wherever ``model`` and ``sample`` live; use the ``meta`` device to count without computing.
     """

@@ -5,10 +5,10 @@ possible to train the same model in under a minute." Today's recipe for 75.9% to
 smoothing, 35 epochs at a global batch of 3,200: MLPerf Training v3.0, NVIDIA dgxh100_n8 ResNet result).
 
 Larger batches need more epochs. The steps to the target follow McCandlish et al. 2018 (arXiv 1812.06162),
-``S = S_min (1 + B_noise / B)``, anchored at the MLPerf point (35 epochs at B = 3,200) with an assumed noise scale
-``B_noise = 32,768``: of the order of the ImageNet critical batch in McCandlish et al. (10^4-10^5), and it gives
-~95 epochs at B = 64k, close to the 90 epochs Jia et al. 2018 needed there. It is an assumption, not a fit, and
-the answer is also given with 35 epochs at every batch (the optimistic bound).
+``S = S_min (1 + B_noise / B)``, anchored at the MLPerf point (35 epochs at B = 3,200) with an assumed noise
+scale ``B_noise = 32,768``: of the order of the ImageNet critical batch in McCandlish et al. (10^4-10^5), and
+it gives ~95 epochs at B = 64k, close to the 90 epochs Jia et al. 2018 needed there. It is an assumption, not
+a fit, and the answer is also given with 35 epochs at every batch (the optimistic bound).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def workshop(catalog: Catalog | None = None, plot_path: str | None = None,
     """Predicted time at ~100 PFLOP/s per accelerator, the device counts for under a minute, the fastest."""
     cat = catalog or load_catalog()
     wl = workload("resnet50", "imagenet")
-    rules = {"mccandlish": recipe_steps(wl.dataset_size, noise_scale), "35-epochs": Steps(epochs=ANCHOR_EPOCHS)}
+    rules = {"mccandlish": recipe_steps(wl.dataset_size, noise_scale),
+             "35-epochs": Steps(epochs=ANCHOR_EPOCHS)}
     at_100pf = []
     for name, n in SYSTEMS.items():
         acc = cat.accelerator(name)
@@ -85,14 +86,16 @@ def _devices_for(wl, name: str, target_s: float, steps: Steps, cat: Catalog, lim
 
 
 def format_workshop(r: dict) -> str:
-    lines = [f"ResNet-50 on ImageNet to 75.9% with today's recipe (MLPerf: LARS; 35 epochs at batch 3,200, more "
-             f"epochs at larger batches by McCandlish with B_noise {r['noise_scale']:g}), "
+    lines = [f"ResNet-50 on ImageNet to 75.9% with today's recipe (MLPerf: LARS; 35 epochs at batch 3,200, "
+             f"more epochs at larger batches by McCandlish with B_noise {r['noise_scale']:g}), "
              f"{r['per_device_batch']} images per device:", "",
-             f"  {'system':16} {'peak':>9} {'batch':>7} {'epochs':>7} {'predicted':>10}   {'(at 35 epochs)':>14}"]
+             f"  {'system':16} {'peak':>9} {'batch':>7} {'epochs':>7} {'predicted':>10}   "
+             f"{'(at 35 epochs)':>14}"]
     for a in r["at_100_pflops"]:
         m, c = a["mccandlish"], a["35-epochs"]
         lines.append(f"  {str(a['devices']) + ' x ' + a['accelerator']:16} {a['peak_pflops']:6.1f} PF "
-                     f"{a['batch']:7d} {m['epochs']:7.1f} {m['predicted_s']:9.1f}s   {c['predicted_s']:13.1f}s")
+                     f"{a['batch']:7d} {m['epochs']:7.1f} {m['predicted_s']:9.1f}s   "
+                     f"{c['predicted_s']:13.1f}s")
     lines += ["", "  for under a minute:"]
     for u in r["under_a_minute"]:
         need = (f"{u['devices']} devices ({u['peak_pflops']:.0f} PFLOP/s peak, batch {u['batch']})"
