@@ -6,9 +6,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+# no BN and float64, so that runs on different numbers of workers agree to rounding (elastic membership)
 RUN = ["--set", "data.name=synthetic", "--set", "data.n_train=4096", "--set", "data.n_test=512", "--set",
-       "model.name=mlp", "--set", "model.width=64", "--set", "train.batch_size=64", "--set", "train.max_steps=120",
-       "--set", "train.checkpoint_every=25", "--set", "train.eval_every=60", "--no-progress"]
+       "model.name=mlp", "--set", "model.width=64", "--set", "model.norm=none", "--set", "train.dtype=float64",
+       "--set", "train.batch_size=64", "--set", "train.max_steps=80", "--set", "train.checkpoint_every=20",
+       "--set", "train.eval_every=40", "--no-progress"]
 
 
 def _train(out, cache_dir, *extra):
@@ -17,15 +21,21 @@ def _train(out, cache_dir, *extra):
                            *extra], capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_killed_worker_is_restarted_and_the_run_is_exact(tmp_path, cache_dir):
-    ref = _train(tmp_path / "ref", cache_dir)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("faults") / "ref"
+    ref = _train(out, cache_dir)
     assert ref.returncode == 0, ref.stderr
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_killed_worker_is_restarted_and_the_run_is_exact(reference, tmp_path, cache_dir):
     proc = _train(tmp_path / "killed", cache_dir, "--max-restarts", "1", "--set", "faults.kill_rank=1",
-                  "--set", "faults.kill_step=60")
+                  "--set", "faults.kill_step=50")
     assert proc.returncode == 0, proc.stderr
-    assert "faults: killing rank 1 at step 60" in proc.stderr
-    assert "resumed from step 50" in proc.stdout  # at most one checkpoint interval (25 steps) repeated
-    a = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert "faults: killing rank 1 at step 50" in proc.stderr
+    assert "resumed from step 40" in proc.stdout  # at most one checkpoint interval (20 steps) repeated
+    a = reference
     b = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert b["restarts"] == 1 and a["restarts"] == 0
     assert b["params_sha256"] == a["params_sha256"]
@@ -39,7 +49,7 @@ def test_without_restarts_a_dead_worker_fails_the_job_with_one_line(tmp_path, ca
     assert last.startswith("scalelab: error: worker rank 1 was killed by signal SIGKILL after 0 restart(s)")
     assert "--resume --nproc 2" in last
     ckpts = sorted((tmp_path / "dead" / "checkpoints").glob("ckpt-*.pt"))
-    assert [p.name for p in ckpts] == ["ckpt-000000025.pt"]  # the last good checkpoint is there to resume from
+    assert [p.name for p in ckpts] == ["ckpt-000000020.pt"]  # the last good checkpoint is there to resume from
 
 
 def test_hung_worker_is_reported_by_rank_not_a_silent_deadlock(tmp_path, cache_dir):
@@ -49,3 +59,20 @@ def test_hung_worker_is_reported_by_rank_not_a_silent_deadlock(tmp_path, cache_d
     assert ("scalelab: error: rank 0: a collective at step 30 failed after waiting up to parallel.timeout_s=3 s: "
             "rank(s) 1 stopped responding (hung or dead)") in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("scalelab: error: worker rank 0 exited with code 1")
+
+
+def test_resume_on_another_world_size_keeps_the_global_batch(reference, tmp_path, cache_dir):
+    """Elastic membership: a 2-worker job loses a worker for good, and the run continues on 4 workers from the
+    last checkpoint. Without BN the global batch is the same samples whatever the split, so the result equals
+    the uninterrupted 2-worker run (float64, up to summation order)."""
+    dead = _train(tmp_path / "elastic", cache_dir, "--set", "faults.kill_rank=1", "--set", "faults.kill_step=50")
+    assert dead.returncode == 1
+    env = {**os.environ, "SCALELAB_CACHE": str(cache_dir)}
+    more = subprocess.run([sys.executable, "-m", "scalelab", "train", "--nproc", "4", "--resume", "--out",
+                           str(tmp_path / "elastic")], capture_output=True, text=True, env=env, timeout=300)
+    assert more.returncode == 0, more.stderr
+    assert ("world size changed from 2 to 4 workers at restart: keeping the global batch 64 and the recipe; "
+            "per-worker batch 32 -> 16") in more.stdout
+    b = json.loads((tmp_path / "elastic" / "summary.json").read_text())
+    assert b["steps"] == reference["steps"] == 80 and b["world_size"] == 4 and b["restarts"] == 1
+    assert abs(b["final_test_loss"] - reference["final_test_loss"]) < 1e-9

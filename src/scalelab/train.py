@@ -65,6 +65,7 @@ class Counters:
     comm_bytes: int = 0
     comm_s: float = 0.0
     dropped_grads: int = 0
+    world_size: int = 1  # of the session that wrote the checkpoint
 
     def to_state(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,7 +185,7 @@ class Trainer:
     def _comm_failure(self, e: RuntimeError) -> ScalelabError:
         """Turn gloo's timeout or closed-connection error into one line naming the ranks that stopped."""
         rt = self.rt
-        silent = rt.silent_ranks(self._step)
+        silent = rt.silent_ranks(self._step, wait_s=min(10.0, max(2.0, rt.timeout_s)))
         who = (f"rank(s) {', '.join(map(str, silent))} stopped responding (hung or dead)" if silent
                else "a peer closed its connection")
         return WorkerFailure(f"rank {rt.rank}: a collective at step {self._step} failed after waiting up to "
@@ -227,6 +228,12 @@ class Trainer:
             c.restarts += 1
             ckpt.set_rng_state(resume_state["rng"])
             self._log(f"resumed from step {c.step} (epoch {c.step / spe:.2f}) in {self.out}")
+            if c.world_size != world:
+                # Elastic membership: the global batch and the recipe are kept, each worker's share changes.
+                before = B // max(1, c.world_size - cfg.parallel.backup_workers)
+                self._log(f"world size changed from {c.world_size} to {world} workers at restart: keeping the "
+                          f"global batch {B} and the recipe; per-worker batch {before} -> {B // used}")
+        c.world_size = world
         backup = BackupSync(rt, used) if cfg.parallel.backup_workers else None
         model = rt.wrap(base, cfg, ddp=backup is None)
         params = [p for p in base.parameters()]
@@ -278,9 +285,9 @@ class Trainer:
         stopped = "completed"
         try:
             while c.step < total:
-                if rank == cfg.faults.kill_rank and c.step == cfg.faults.kill_step and rt.restart_count == 0:
+                if rank == cfg.faults.kill_rank and c.step == cfg.faults.kill_step and c.restarts == 0:
                     inject_kill(rank, c.step)
-                if rank == cfg.faults.hang_rank and c.step == cfg.faults.hang_step and rt.restart_count == 0:
+                if rank == cfg.faults.hang_rank and c.step == cfg.faults.hang_step and c.restarts == 0:
                     inject_hang(rank, c.step)
                 step_t0 = time.perf_counter()
                 self._step = c.step
