@@ -275,7 +275,8 @@ class Trainer:
             if reached:
                 c.steps_to_target, c.time_to_target_s = c.step, c.train_s
             tracker.log("eval", c.step, epoch=c.step / spe, test_loss=loss, test_acc=acc, test_n=n,
-                        train_s=c.train_s, eval_s=c.eval_s, samples=c.samples_seen)
+                        train_s=c.train_s, eval_s=c.eval_s, wall_s=c.train_s + c.eval_s + c.ckpt_s,
+                        samples=c.samples_seen)
             progress.update(0, test_acc=acc)
             return reached
 
@@ -351,6 +352,7 @@ class Trainer:
                     log_t0, log_step0 = c.train_s, c.step
                     tracker.log("train", c.step, epoch=c.step / spe, loss=loss_v, acc=acc, lr=lr,
                                 samples=c.samples_seen, samples_per_s=sps, train_s=c.train_s,
+                                wall_s=c.train_s + c.eval_s + c.ckpt_s,
                                 comm_bytes=c.comm_bytes, comm_s=c.comm_s)
                     progress.update(1, epoch=f"{c.step / spe:.2f}", loss=loss_v, acc=acc, lr=lr,
                                     samples_s=round(sps))

@@ -1,7 +1,7 @@
 """``scalelab report RUN_DIR``: the run's summary as a table, and PNG plots of its curves.
 
 Plots (in ``RUN_DIR/plots``): ``curves.png`` with loss and accuracy (train and test) against steps, samples and
-training time (evaluation excluded), and ``lr.png`` with the learning rate against steps.
+wall time, and ``lr.png`` with the learning rate against steps.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def plot_run(run_dir: Path, records: list[dict[str, Any]]) -> list[Path]:
 
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)
-    xs = [("step", "steps"), ("samples", "samples seen"), ("train_s", "training time (s, eval excluded)")]
+    # wall_s: time in the training loop (training, evaluation, checkpoints), summed over resumed sessions
+    xs = [("step", "steps"), ("samples", "samples seen"), ("wall_s", "wall time in the loop (s)")]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     for col, (xkey, xlabel) in enumerate(xs):
         for row, (train_key, test_key, label) in enumerate([("loss", "test_loss", "loss"),
