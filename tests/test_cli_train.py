@@ -131,18 +131,20 @@ def test_resume_with_other_config_is_refused(default_run, run_cli):
     assert "was written with a different config: recipe.base_lr (checkpoint 0.2, now 0.5)" in proc.stderr
 
 
+DIVERGE = ["--set", "data.name=synthetic", "--set", "data.n_train=1024", "--set", "data.n_test=256", "--set",
+           "model.name=mlp", "--set", "model.norm=none", "--set", "recipe.base_lr=1e12", "--set",
+           "recipe.momentum=0", "--set", "recipe.nesterov=false", "--no-progress"]
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_checkpoint(run_cli, tmp_path):
     out = tmp_path / "nan"
-    proc = run_cli("train", "--set", "data.name=synthetic", "--set", "model.name=mlp", "--set", "model.norm=none",
-                   "--set", "recipe.base_lr=1e12", "--set", "recipe.momentum=0", "--set", "recipe.nesterov=false", "--set",
-                   "train.checkpoint_every=1", "--no-progress", "--out", out)
+    proc = run_cli("train", *DIVERGE, "--set", "train.checkpoint_every=1", "--out", out)
     assert proc.returncode == 3, proc.stderr
     err = proc.stderr.strip().splitlines()[-1]
     assert err.startswith("scalelab: error: loss is") and "at step" in err and "last good checkpoint" in err
     step = int(err.split("at step ")[1].split()[0])
     ckpts = sorted((out / "checkpoints").glob("ckpt-*.pt"))
     assert ckpts and int(ckpts[-1].stem.split("-")[1]) <= step
-    proc = run_cli("train", "--set", "data.name=synthetic", "--set", "model.name=mlp", "--set", "model.norm=none",
-                   "--set", "recipe.base_lr=1e12", "--set", "recipe.momentum=0", "--set", "recipe.nesterov=false", "--set", "train.on_nan=skip",
-                   "--set", "train.epochs=1", "--no-progress", "--out", tmp_path / "skip", check=True)
+    run_cli("train", *DIVERGE, "--set", "train.on_nan=skip", "--set", "train.epochs=1", "--out", tmp_path / "skip",
+            check=True)
     assert json.loads((tmp_path / "skip" / "summary.json").read_text())["skipped_steps"] > 0

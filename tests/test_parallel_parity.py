@@ -40,13 +40,21 @@ def _params(run_dir):
     return load_latest(run_dir / "checkpoints")["model"]
 
 
+_RUNS: dict[tuple, object] = {}
+
+
 def _distributed(tmp_path, cache_dir, nproc, overrides):
+    """A real --nproc run; the same (nproc, overrides) is run once per session and shared."""
+    key = (nproc, tuple(overrides))
+    if key in _RUNS:
+        return _RUNS[key]
     out = tmp_path / f"ddp{nproc}"
     args = [a for o in overrides for a in ("--set", o)]
     env = {**os.environ, "SCALELAB_CACHE": str(cache_dir)}
     proc = subprocess.run([sys.executable, "-m", "scalelab", "train", "--nproc", str(nproc), "--out", str(out),
                            *args], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    _RUNS[key] = out
     return out
 
 
@@ -58,8 +66,7 @@ def _emulated(tmp_path, nproc, overrides):
 
 
 @pytest.mark.parametrize("nproc, case", [(2, "bn"), (4, "bn"), (2, "ghost"), (4, "ghost"), (2, "cross-all"),
-                                         (4, "cross-all"), (4, "cross-pairs"), (2, "bn-float32"),
-                                         (4, "bn-float32")])
+                                         (4, "cross-all"), (4, "cross-pairs"), (2, "bn-float32")])
 def test_workers_match_emulation(tmp_path, cache_dir, nproc, case):
     overrides = BASE + CASES[case.removesuffix("-float32")]
     if case.endswith("float32"):
