@@ -88,7 +88,7 @@ def _multinode(prefix, cache_dir, n, out, overrides, *script_args, timeout=120):
                           env=_env(prefix, cache_dir), timeout=timeout)
 
 
-@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("n", [2])  # 4 hosts also match (measured, docs/multinode.md); 2 keep the suite short
 def test_one_worker_per_host_matches_emulation(tmp_path, cache_dir, prefix, n):
     out = tmp_path / f"hosts{n}"
     proc = _multinode(prefix, cache_dir, n, out, BASE + WORKER)
