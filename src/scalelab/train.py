@@ -307,11 +307,14 @@ class Trainer:
                         time.sleep(delay)
                     out = model(xb)
                     loss = F.cross_entropy(out, yb, label_smoothing=cfg.recipe.label_smoothing)
+                    # the mean loss over all workers (equal shares): the same on every rank, so every rank
+                    # takes the same decision about a non-finite loss; reduced while backward runs
+                    loss_sum = loss.detach().clone()
+                    pending = rt.all_reduce_sum_async(loss_sum)
                     loss.backward()
                     rt.end_backward()
-                    # the mean loss over all workers (equal shares): the same on every rank, so every rank
-                    # takes the same decision about a non-finite loss
-                    loss_v = rt.all_reduce_sum(loss.detach().clone()).item() / world
+                    pending.wait()
+                    loss_v = loss_sum.item() / world
                 else:
                     out, loss, included = None, torch.zeros((), dtype=dtype), False
                     if backup.wait(delay, c.step):
