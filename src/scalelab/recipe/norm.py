@@ -11,10 +11,10 @@ global batch, so the effective "BN batch" is B/K, not B. Large-batch studies dep
 * Emulated workers (``parallel.emulate_workers = K``) reproduce in one process what K workers would compute:
   the batch is split into K contiguous chunks and each is normalised on its own. The trainer sets ``splits``
   with :func:`set_emulated_workers`.
-* Cross-replica BN (Ying et al. 2018, arXiv 1811.06992) goes the other way and pools the statistics of several
-  workers. That is not implemented here, but the statistics are computed from per-group
-  ``(sum, sum of squares, count)`` in :func:`group_sums` / :func:`moments_from_sums` precisely because those
-  are the quantities an all-reduce over a process group would combine.
+* Cross-replica BN (Ying et al. 2018, arXiv 1811.06992) goes the other way and pools the statistics of a
+  group of workers: with real workers, :meth:`BatchNorm._cross_replica` all-reduces them over a process group
+  (set by :func:`set_cross_replica`); emulated, ``set_emulated_workers(model, k, bn_group)`` makes the chunks
+  those of the groups.
 
 Example:
     >>> import torch
