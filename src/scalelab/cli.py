@@ -98,23 +98,15 @@ def _launch(cfg, out: Path, args) -> int:
     """The parent of a --nproc job: validate and prepare everything, then start the workers."""
     import json
 
-    from scalelab.checkpoint import list_checkpoints
     from scalelab.config import save_config
     from scalelab.data import load_dataset
     from scalelab.parallel.launch import launch_workers
-    from scalelab.train import check_names, print_summary
+    from scalelab.train import check_names, print_summary, refuse_existing_run, workers_used
 
     check_names(cfg)
-    used = args.nproc - cfg.parallel.backup_workers
-    if used < 1:
-        raise ConfigError(f"parallel.backup_workers: {cfg.parallel.backup_workers} leaves no worker of --nproc "
-                          f"{args.nproc}; allowed: 0 .. {args.nproc - 1}")
-    if cfg.train.batch_size % used:
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the {used} workers "
-                          f"whose gradients are used (--nproc minus parallel.backup_workers); each takes B/N")
-    if not args.resume and (list_checkpoints(out / "checkpoints") or (out / "summary.json").exists()):
-        raise ConfigError(f"--out {out} already holds a run; add --resume to continue it, "
-                          f"or choose another directory")
+    workers_used(cfg, args.nproc)
+    if not args.resume:
+        refuse_existing_run(out)
     load_dataset(cfg.data)  # generate or download once, here, not in every worker
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.toml")

@@ -85,6 +85,25 @@ def params_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def refuse_existing_run(out: Path) -> None:
+    """A new run never overwrites one that is already in ``out``."""
+    if ckpt.list_checkpoints(out / "checkpoints") or (out / "summary.json").exists():
+        raise ConfigError(f"--out {out} already holds a run; add --resume to continue it, "
+                          f"or choose another directory")
+
+
+def workers_used(cfg: Config, world: int) -> int:
+    """Workers whose gradients make a step (all but the backup workers); each takes B / that many samples."""
+    used = world - cfg.parallel.backup_workers
+    if used < 1:
+        raise ConfigError(f"parallel.backup_workers: {cfg.parallel.backup_workers} leaves no worker of "
+                          f"{world}; allowed: 0 .. {world - 1}")
+    if cfg.train.batch_size % used:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the {used} workers "
+                          f"whose gradients are used (workers minus parallel.backup_workers); each takes B/N")
+    return used
+
+
 def default_out_dir(cfg: Config) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{cfg.run_name()}"
@@ -153,10 +172,9 @@ class Trainer:
                 ckpt.check_compatible(state["config"], self.cfg, self.out)
             else:
                 self._log(f"no checkpoint in {ckdir}; starting from step 0")
-        elif self.rt.is_main and (ckpt.list_checkpoints(ckdir) or (self.out / "summary.json").exists()):
-            raise ConfigError(f"--out {self.out} already holds a run; add --resume to continue it, "
-                              f"or choose another directory")
         else:
+            if self.rt.is_main:
+                refuse_existing_run(self.out)
             state = None
         if self.rt.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -204,12 +222,7 @@ class Trainer:
         lo, hi = rank * len(data.x_test) // world, (rank + 1) * len(data.x_test) // world
         x_test, y_test = data.x_test[lo:hi].to(device, dtype), data.y_test[lo:hi].to(device)
         B = t.batch_size
-        used = world - cfg.parallel.backup_workers  # workers whose gradients make a step
-        if used < 1:
-            raise ConfigError(f"parallel.backup_workers: {cfg.parallel.backup_workers} leaves no worker of "
-                              f"{world}; allowed: 0 .. {world - 1}")
-        if B % used:
-            raise ConfigError(f"train.batch_size: {B} is not divisible by the {used} workers; each takes B/N")
+        used = workers_used(cfg, world)
         read = B // used * world  # samples read per step: with backup workers, the late shares are dropped
         spe = steps_per_epoch(len(x_train), read)
         total = t.max_steps or max(1, math.ceil(t.epochs * spe))
