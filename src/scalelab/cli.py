@@ -20,6 +20,7 @@ from scalelab.errors import ConfigError, ScalelabError
 # (command, module, help): subcommands implemented next to their subsystem.
 EXTERNAL_COMMANDS: list[tuple[str, str, str]] = [
     ("project", "scalelab.perf.cli", "predict time-to-train on other hardware"),
+    ("sweep", "scalelab.lab.sweep", "steps-to-target against batch size, with an LR search (Shallue et al. 2018)"),
 ]
 
 

@@ -105,6 +105,8 @@ class TrainConfig:
     dtype: str = _f("float32", choices=("float32", "float64"), doc="parameter and data dtype")
     eval_batch: int = _f(4096, lo=1)
     progress: bool = _f(True, doc="live progress bar")
+    noise_every: int = _f(0, lo=0, doc="log the gradient noise scale every N steps (McCandlish et al. 2018); 0 = off")
+    noise_shards: int = _f(8, lo=2, doc="noise scale: shards of the batch that give the small-batch gradients")
 
 
 @dataclass
@@ -261,6 +263,8 @@ def _validate_cross(cfg: Config) -> None:
     if r.nesterov and r.momentum == 0 and r.optimizer == "sgd":
         raise ConfigError("recipe.nesterov: Nesterov momentum needs recipe.momentum > 0; "
                           "set recipe.nesterov=false for plain SGD")
+    if t.noise_every and t.batch_size % t.noise_shards:
+        raise ConfigError(f"train.noise_shards: {t.noise_shards} must divide train.batch_size={t.batch_size}")
     if sorted(r.milestones) != r.milestones:
         raise ConfigError(f"recipe.milestones: {r.milestones!r} must be increasing")
 

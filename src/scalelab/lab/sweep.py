@@ -1,0 +1,574 @@
+"""``scalelab sweep``: steps-to-target against batch size, with a learning-rate search per batch and optimizer.
+
+    scalelab sweep --config BASE.toml --batch 32..8192 --target-acc 0.98 --optimizers sgd,lars,lamb \\
+                   [--lr-guess sgd=0.05@32:linear ...] [--lr-mults 0.5,1,2] [--budget-epochs 30] \\
+                   [--warmup-epochs 1] [--jobs 2] [--out DIR]
+
+The measurement follows Shallue et al. 2018, "Measuring the Effects of Data Parallelism on Neural Network
+Training" (arXiv 1811.03600): for every batch size B and optimizer, train to a fixed test-accuracy goal with each
+learning rate of a search space, and take the fewest steps any of them needed. Steps-to-target against B then
+shows perfect scaling (steps halve when B doubles), diminishing returns and the end of useful parallelism; the
+knee (:mod:`scalelab.lab.knee`) is where perfect scaling ends.
+
+The search, per cell (optimizer, batch, warmup):
+
+* The LRs are ``guess(B) * m`` for each multiplier ``m`` of ``--lr-mults``, with ``guess(B)`` from the
+  optimizer's ``--lr-guess LR@BATCH:RULE`` scaled to B by the rule (``linear``, ``sqrt`` or ``none``).
+* The middle multiplier runs first. The other points run after it; with a constant LR after warm-up (the
+  default here) they are stopped at the best step count the cell has so far (``pruned``): a trial that has not
+  reached the target by then cannot be the fastest, so stopping it does not change the minimum.
+* When the fastest LR lies on the edge of the points tried, the search goes one factor further out, up to
+  ``--extend`` times per side (Shallue et al. check that the best point is not on the edge of the search
+  space); when every point diverged it goes lower.
+
+Every trial is a separate worker process (``train.threads=1``, no run directory), up to ``--jobs`` at a time.
+Each trial's result is written atomically to ``OUT/trials/<id>.json`` the moment it ends, so a killed sweep,
+run again with the same arguments, skips the finished trials and goes on. Failed trials (``diverged``,
+``missed``: the budget ended first, ``pruned``, ``error``) are kept and marked.
+
+Output in OUT: ``sweep.json`` (spec, every trial, the best per cell, knees), ``sweep.csv`` (every trial, with a
+``best`` column that marks the fastest trial of each (optimizer, batch)), ``best.csv`` (one row per optimizer and
+batch: ``batch,optimizer,steps_to_target,steps,lr,...``; ``scalelab project --steps-table`` can read it after
+filtering one optimizer), and ``plots/``: steps-to-target and examples-to-target against batch (log-log, per
+optimizer, with the perfect-scaling line and the knee marked) and the best LR against batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import csv
+import io
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scalelab.errors import ConfigError, DivergenceError
+
+__all__ = ["LRGuess", "SweepSpec", "Trial", "best_of", "next_mults", "run_sweep", "summarize"]
+
+RULES = ("linear", "sqrt", "none")
+FAILED = ("diverged", "missed", "pruned", "error")
+
+
+# ---- the specification -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LRGuess:
+    """An LR that works at one batch size, and the rule that carries it to other batch sizes."""
+
+    lr: float
+    batch: int
+    rule: str = "linear"
+
+    def at(self, batch: int) -> float:
+        r = batch / self.batch
+        return self.lr * {"linear": r, "sqrt": math.sqrt(r), "none": 1.0}[self.rule]
+
+    @classmethod
+    def parse(cls, text: str) -> "LRGuess":
+        """``LR@BATCH[:RULE]``, e.g. ``0.05@32:linear``."""
+        try:
+            lr_batch, _, rule = text.partition(":")
+            lr, _, batch = lr_batch.partition("@")
+            g = cls(float(lr), int(batch), rule or "linear")
+        except ValueError:
+            raise ConfigError(f"--lr-guess {text!r}: expected OPT=LR@BATCH[:RULE], e.g. sgd=0.05@32:linear")
+        if g.rule not in RULES or g.lr <= 0 or g.batch <= 0:
+            raise ConfigError(f"--lr-guess {text!r}: need LR > 0, BATCH > 0 and RULE one of {', '.join(RULES)}")
+        return g
+
+
+@dataclass
+class SweepSpec:
+    """Everything that decides which trials a sweep runs; saved as ``sweep_spec.json`` and checked on resume.
+
+    Attributes:
+        base: the base run config (``Config.to_dict()``); each trial overrides optimizer, batch, LR, warmup,
+            target, budget and evaluation cadence.
+        batches: global batch sizes.
+        optimizers: ``recipe.optimizer`` names.
+        target_acc: the test-accuracy goal.
+        guesses: per optimizer, the LR guess (:class:`LRGuess` as a dict).
+        lr_mults: multipliers of the guess that make the LR grid.
+        warmups: warm-up lengths in epochs to search over (one value: no warm-up search).
+        budget_epochs: a trial that has not reached the target after this many epochs is ``missed``.
+        eval_examples: evaluate every ``max(1, round(eval_examples / B))`` steps (the steps resolution).
+        extend: how many extra LR points the search may add beyond each edge of the grid.
+        tol: the knee tolerance (see :mod:`scalelab.lab.knee`).
+    """
+
+    base: dict[str, Any]
+    batches: list[int]
+    optimizers: list[str]
+    target_acc: float
+    guesses: dict[str, dict[str, Any]]
+    lr_mults: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    warmups: list[float] = field(default_factory=lambda: [1.0])
+    budget_epochs: float = 30.0
+    eval_examples: int = 2048
+    extend: int = 2
+    tol: float = 1.25
+
+    def __post_init__(self) -> None:
+        if not self.batches or not self.optimizers or not self.lr_mults or not self.warmups:
+            raise ConfigError("a sweep needs at least one batch, optimizer, LR multiplier and warm-up")
+        if any(b < 1 for b in self.batches) or any(m <= 0 for m in self.lr_mults):
+            raise ConfigError("batch sizes and LR multipliers must be > 0")
+        if not 0 < self.target_acc <= 1:
+            raise ConfigError(f"--target-acc {self.target_acc}: allowed: > 0 and <= 1")
+        if self.budget_epochs <= 0 or self.eval_examples < 1 or self.extend < 0 or self.tol < 1:
+            raise ConfigError("need --budget-epochs > 0, --eval-examples >= 1, --extend >= 0, --tol >= 1")
+        self.batches = sorted(set(self.batches))
+        self.lr_mults = sorted(set(self.lr_mults))
+
+    def guess(self, opt: str) -> LRGuess:
+        return LRGuess(**self.guesses[opt])
+
+    def eval_every(self, batch: int) -> int:
+        return max(1, round(self.eval_examples / batch))
+
+    @property
+    def prunable(self) -> bool:
+        """Stopping a trial early only leaves its trajectory unchanged when the LR does not depend on the
+        run length, i.e. a constant LR after warm-up."""
+        return self.base["recipe"]["schedule"] == "constant"
+
+
+@dataclass(frozen=True)
+class Trial:
+    optimizer: str
+    batch: int
+    warmup: float
+    mult: float
+    lr: float
+
+    @property
+    def id(self) -> str:
+        return f"{self.optimizer}-b{self.batch}-w{self.warmup:g}-x{self.mult:g}"
+
+    @property
+    def cell(self) -> tuple[str, int, float]:
+        return self.optimizer, self.batch, self.warmup
+
+
+def trial_config(spec: SweepSpec, trial: Trial, cap: int | None) -> dict[str, Any]:
+    """The full config dict of one trial (the base with the trial's fields set)."""
+    from scalelab.config import from_dict
+
+    d = json.loads(json.dumps(spec.base))
+    d["recipe"].update(optimizer=trial.optimizer, base_lr=trial.lr, scaling="none",
+                       warmup_epochs=trial.warmup)
+    if trial.optimizer == "sgd" and d["recipe"]["momentum"] == 0:
+        d["recipe"]["nesterov"] = False
+    d["train"].update(batch_size=trial.batch, target_acc=spec.target_acc, epochs=spec.budget_epochs,
+                      max_steps=cap or 0, eval_every=spec.eval_every(trial.batch), threads=1, progress=False,
+                      name=trial.id)
+    from_dict(d)  # validate here, in the parent, so a bad combination fails before any process starts
+    return d
+
+
+# ---- one trial, in a worker process ------------------------------------------------------------------------------
+_DATA_CACHE: dict[str, Any] = {}
+
+
+def run_trial(trial: Trial, cfg_dict: dict[str, Any], cap: int | None, out: str) -> dict[str, Any]:
+    """Train one trial and write its result atomically to ``out/trials/<id>.json``; returns the result.
+
+    Runs in a worker process; the trainer's printed lines go to ``out/trials/<id>.log``.
+    """
+    from scalelab.config import from_dict
+    from scalelab.data import load_dataset
+    from scalelab.train import train
+
+    tdir = Path(out) / "trials"
+    result: dict[str, Any] = {"id": trial.id, **asdict(trial), "cap": cap, "status": "error",
+                              "steps_to_target": None, "examples_to_target": None, "time_to_target_s": None,
+                              "steps": None, "final_test_acc": None, "best_test_acc": None, "error": None}
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            cfg = from_dict(cfg_dict)
+            key = json.dumps(cfg_dict["data"], sort_keys=True)
+            if key not in _DATA_CACHE:
+                _DATA_CACHE[key] = load_dataset(cfg.data)
+            s = train(cfg, data=_DATA_CACHE[key])
+            result.update(steps=s["steps"], final_test_acc=s["final_test_acc"], best_test_acc=s["best_test_acc"],
+                          train_s=s["train_s"])
+            if s["steps_to_target"] is not None:
+                result.update(status="reached", steps_to_target=s["steps_to_target"],
+                              examples_to_target=s["steps_to_target"] * trial.batch,
+                              time_to_target_s=s["time_to_target_s"])
+            else:
+                result["status"] = "pruned" if cap and s["steps"] >= cap else "missed"
+        except DivergenceError as e:
+            result.update(status="diverged", error=str(e))
+        except Exception as e:  # a trial's failure is a result of the sweep; the traceback goes to its log
+            traceback.print_exc()
+            result.update(status="error", error=f"{type(e).__name__}: {e}"[:300])
+    result["wall_s"] = time.perf_counter() - t0
+    tdir.mkdir(parents=True, exist_ok=True)
+    (tdir / f"{trial.id}.log").write_text(log.getvalue())
+    _write_json_atomic(tdir / f"{trial.id}.json", result)
+    return result
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---- the search ----------------------------------------------------------------------------------------------------
+def _reached(r: dict[str, Any]) -> bool:
+    return r.get("status") == "reached"
+
+
+def best_of(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The fastest trial that reached the target (ties: the smaller LR), or None."""
+    ok = [r for r in results if _reached(r)]
+    return min(ok, key=lambda r: (r["steps_to_target"], r["lr"])) if ok else None
+
+
+def next_mults(spec: SweepSpec, done: list[dict[str, Any]], running: set[float]) -> list[float]:
+    """The LR multipliers a cell should try next, given its finished trials and those still running."""
+    grid = spec.lr_mults
+    center = grid[(len(grid) - 1) // 2] if 1.0 not in grid else 1.0
+    tried = {r["mult"] for r in done} | running
+    if center not in {r["mult"] for r in done}:
+        return [] if center in running else [center]
+    rest = [m for m in grid if m not in tried]
+    if rest or running:
+        return rest
+    lo, hi = min(tried), max(tried)
+    step_lo = grid[1] / grid[0] if len(grid) > 1 else 2.0
+    step_hi = grid[-1] / grid[-2] if len(grid) > 1 else 2.0
+    n_lo = sum(m < grid[0] for m in tried)
+    n_hi = sum(m > grid[-1] for m in tried)
+    best = best_of(done)
+    if best is None:
+        if all(r["status"] == "diverged" for r in done) and n_lo < spec.extend:
+            return [lo / step_lo]
+        return []
+    # go further out only when the edge point is strictly faster than every point inside it (a tie at the
+    # evaluation resolution says nothing about which side the optimum is on)
+    def strictly_best(m: float) -> bool:
+        others = [r["steps_to_target"] for r in done if _reached(r) and r["mult"] != m]
+        mine = [r["steps_to_target"] for r in done if _reached(r) and r["mult"] == m]
+        return bool(mine) and (not others or min(mine) < min(others))
+
+    out = []
+    if strictly_best(hi) and n_hi < spec.extend and len(tried) > 1:
+        out.append(hi * step_hi)
+    if strictly_best(lo) and n_lo < spec.extend and len(tried) > 1:
+        out.append(lo / step_lo)
+    return out
+
+
+def load_trials(out: Path) -> dict[str, dict[str, Any]]:
+    """Finished trials in ``out/trials`` by id (a torn or unreadable file is ignored and its trial re-run)."""
+    found = {}
+    for p in sorted((out / "trials").glob("*.json")):
+        try:
+            r = json.loads(p.read_text())
+            found[r["id"]] = r
+        except (json.JSONDecodeError, KeyError, OSError):
+            continue
+    return found
+
+
+def _check_spec(spec: SweepSpec, out: Path) -> None:
+    path = out / "sweep_spec.json"
+    mine = json.loads(json.dumps(asdict(spec)))
+    if path.exists():
+        theirs = json.loads(path.read_text())
+        # config keys added to scalelab since the sweep started (with their defaults) do not stop a resume
+        for sec, table in mine["base"].items():
+            for k in set(table) - set(theirs.get("base", {}).get(sec, {})):
+                theirs.setdefault("base", {}).setdefault(sec, {})[k] = table[k]
+        if theirs != mine:
+            keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ConfigError(f"--out {out} holds a sweep with other settings ({', '.join(keys)} differ); "
+                              f"rerun with the same arguments to resume it, or choose another --out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(path, mine)
+
+
+def run_sweep(spec: SweepSpec, out: str | Path, jobs: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a sweep in ``out``; returns the summary also written to ``out/sweep.json``.
+
+    Args:
+        spec: what to sweep.
+        out: the sweep directory; finished trials in it are not run again.
+        jobs: worker processes (0 = the number of cores).
+        progress: show a progress bar over all trials.
+    """
+    from tqdm import tqdm
+
+    from scalelab.config import from_dict
+    from scalelab.data import load_dataset
+
+    out = Path(out)
+    _check_spec(spec, out)
+    jobs = jobs or os.cpu_count() or 1
+    load_dataset(from_dict(spec.base).data)  # generate/cache the data once, here, not in every worker
+    done = load_trials(out)
+    cells = [(o, b, w) for o in spec.optimizers for b in spec.batches for w in spec.warmups]
+    by_cell: dict[tuple, list[dict]] = {c: [] for c in cells}
+    for r in done.values():
+        key = (r["optimizer"], r["batch"], r["warmup"])
+        if key in by_cell:
+            by_cell[key].append(r)
+    resumed = len(done)
+    bar = tqdm(total=len(cells) * len(spec.lr_mults), initial=resumed, desc="sweep", unit="trial",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    running: dict[cf.Future, Trial] = {}
+    t_start = time.perf_counter()
+    ctx = mp.get_context("spawn")
+    ex = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+    try:
+        while True:
+            ready = []
+            for cell in cells:
+                opt, b, w = cell
+                busy = {t.mult for t in running.values() if t.cell == cell}
+                for m in next_mults(spec, by_cell[cell], busy):
+                    t = Trial(opt, b, w, m, spec.guess(opt).at(b) * m)
+                    if t.id in done:  # resumed: its result is already in by_cell
+                        continue
+                    ready.append(t)
+            # longest trials first (large batch), centre points before the rest (they set the pruning cap)
+            ready.sort(key=lambda t: (-t.batch, t.mult != 1.0))
+            bar.total = max(bar.total, len(done) + len(running) + len(ready))
+            while ready and len(running) < jobs:
+                t = ready.pop(0)
+                best = best_of(by_cell[t.cell])
+                cap = best["steps_to_target"] if best is not None and spec.prunable else None
+                running[ex.submit(run_trial, t, trial_config(spec, t, cap), cap, str(out))] = t
+            if not running:
+                break
+            finished, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                t = running.pop(fut)
+                try:
+                    r = fut.result()
+                except Exception as e:  # the worker process died (killed, out of memory): record and go on
+                    r = {"id": t.id, **asdict(t), "cap": None, "status": "error", "steps_to_target": None,
+                         "error": f"worker died: {type(e).__name__}: {e}"[:300]}
+                    (out / "trials").mkdir(exist_ok=True)
+                    _write_json_atomic(out / "trials" / f"{t.id}.json", r)
+                done[t.id] = r
+                by_cell[t.cell].append(r)
+                bar.update(1)
+                n_ok = sum(_reached(x) for x in done.values())
+                bar.set_postfix(reached=f"{n_ok}/{len(done)}", last=f"{t.id}:{r['status']}", refresh=False)
+    except KeyboardInterrupt:
+        ex.shutdown(wait=False, cancel_futures=True)
+        for p in list(getattr(ex, "_processes", {}).values()):
+            p.terminate()
+        bar.close()
+        raise
+    ex.shutdown(wait=True)
+    bar.close()
+    summary = summarize(spec, list(done.values()))
+    summary["wall_s_this_session"] = time.perf_counter() - t_start
+    summary["resumed_trials"] = resumed
+    write_outputs(spec, summary, out)
+    return summary
+
+
+# ---- results ---------------------------------------------------------------------------------------------------------
+def summarize(spec: SweepSpec, trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """Best trial per (optimizer, batch) over LRs and warm-ups, the knee of each optimizer and a McCandlish fit."""
+    from scalelab.lab.knee import find_knee, fit_mccandlish
+
+    trials = sorted(trials, key=lambda r: (r["optimizer"], r["batch"], r["warmup"], r["mult"]))
+    best_rows, knees = [], {}
+    for opt in spec.optimizers:
+        steps = []
+        for b in spec.batches:
+            cell = [r for r in trials if r["optimizer"] == opt and r["batch"] == b]
+            best = best_of(cell)
+            statuses = {s: sum(r["status"] == s for r in cell) for s in ("reached",) + FAILED}
+            row = {"batch": b, "optimizer": opt, "steps_to_target": None, "examples_to_target": None,
+                   "time_to_target_s": None, "lr": None, "warmup": None, "trials": len(cell),
+                   **{f"n_{k}": v for k, v in statuses.items()}}
+            if best is not None:
+                row.update(steps_to_target=best["steps_to_target"], examples_to_target=best["examples_to_target"],
+                           time_to_target_s=best["time_to_target_s"], lr=best["lr"], warmup=best["warmup"],
+                           edge=best["mult"] in (min(r["mult"] for r in cell), max(r["mult"] for r in cell))
+                           and len(cell) > 1)
+            best_rows.append(row)
+            steps.append(row["steps_to_target"])
+        knee = find_knee(spec.batches, steps, spec.tol)
+        fit = fit_mccandlish(spec.batches, steps)
+        knees[opt] = {**knee.to_dict(),
+                      "mccandlish_b_noise": fit[0] if fit else None, "mccandlish_s_min": fit[1] if fit else None}
+    best_ids = set()
+    for row in best_rows:
+        cell = [r for r in trials if r["optimizer"] == row["optimizer"] and r["batch"] == row["batch"]]
+        b = best_of(cell)
+        if b is not None:
+            best_ids.add(b["id"])
+    for r in trials:
+        r["best"] = r["id"] in best_ids
+    return {"spec": asdict(spec), "trials": trials, "best": best_rows, "knees": knees,
+            "counts": {s: sum(r["status"] == s for r in trials) for s in ("reached",) + FAILED}}
+
+
+CSV_COLUMNS = ["batch", "optimizer", "steps_to_target", "lr", "mult", "warmup", "status", "best",
+               "examples_to_target", "time_to_target_s", "steps", "cap", "final_test_acc", "best_test_acc",
+               "wall_s", "id", "error"]
+BEST_COLUMNS = ["batch", "optimizer", "steps_to_target", "steps", "examples_to_target", "time_to_target_s", "lr",
+                "warmup", "trials", "n_reached", "n_diverged", "n_missed", "n_pruned", "n_error"]
+
+
+def write_outputs(spec: SweepSpec, summary: dict[str, Any], out: Path) -> list[Path]:
+    """``sweep.json``, ``sweep.csv``, ``best.csv`` and the plots."""
+    _write_json_atomic(out / "sweep.json", summary)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in summary["trials"]:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+    (out / "sweep.csv").write_text(buf.getvalue())
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, BEST_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in summary["best"]:
+        w.writerow({k: ("" if (v := (r.get(k) if k != "steps" else r.get("steps_to_target"))) is None else v)
+                    for k in BEST_COLUMNS})
+    (out / "best.csv").write_text(buf.getvalue())
+    from scalelab.lab.sweep_plots import plot_sweep
+
+    return plot_sweep(summary, out / "plots")
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """Steps-to-target per batch (rows) and optimizer (columns), then each optimizer's knee."""
+    opts = summary["spec"]["optimizers"]
+    lines = [f"{'batch':>7}  " + "  ".join(f"{o:>18}" for o in opts)]
+    for b in summary["spec"]["batches"]:
+        cells = []
+        for o in opts:
+            row = next(r for r in summary["best"] if r["batch"] == b and r["optimizer"] == o)
+            s = row["steps_to_target"]
+            cells.append(f"{s:>8} (lr {row['lr']:.3g})" if s is not None else f"{'-':>8} {'(none)':>9}")
+        lines.append(f"{b:>7}  " + "  ".join(f"{c:>18}" for c in cells))
+    lines.append("")
+    for o in opts:
+        k = summary["knees"][o]
+        fit = (f", McCandlish fit B_noise {k['mccandlish_b_noise']:.0f}" if k["mccandlish_b_noise"] else "")
+        lines.append(f"{o}: knee at batch {k['batch']} (steps within {k['tol']:g}x of perfect scaling from batch "
+                     f"{k['ref_batch']}; first batch off: {k['first_off']}){fit}")
+    c = summary["counts"]
+    lines.append("trials: " + ", ".join(f"{v} {k}" for k, v in c.items()))
+    return "\n".join(lines)
+
+
+# ---- command line ----------------------------------------------------------------------------------------------------
+def parse_batches(text: str) -> list[int]:
+    """``32,64,128`` or ``32..8192`` (powers of two between)."""
+    try:
+        if ".." in text:
+            lo, hi = (int(x) for x in text.split(".."))
+            if lo < 1 or hi < lo:
+                raise ValueError
+            out, b = [], lo
+            while b <= hi:
+                out.append(b)
+                b *= 2
+            return out
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--batch {text!r}: expected N,M,... or LO..HI (powers of two), e.g. 32..8192") from None
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected numbers separated by commas") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.toml", help="base run config")
+    p.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[], dest="overrides",
+                   help="override a field of the base config; repeatable")
+    p.add_argument("--batch", required=True, help="global batch sizes: N,M,... or LO..HI (powers of two)")
+    p.add_argument("--target-acc", type=float, required=True, help="test-accuracy goal")
+    p.add_argument("--optimizers", default="sgd", help="comma-separated recipe.optimizer names (default sgd)")
+    p.add_argument("--lr-guess", action="append", default=[], metavar="OPT=LR@BATCH[:RULE]",
+                   help="an LR that works for OPT at BATCH and the rule (linear, sqrt, none) to scale it; "
+                        "default: the base config's base_lr@base_batch:scaling; repeatable")
+    p.add_argument("--lr-mults", default="0.5,1,2", help="multipliers of the guess to try (default 0.5,1,2)")
+    p.add_argument("--extend", type=int, default=2, help="extra LR points beyond each grid edge when the best "
+                   "lies on it (default 2)")
+    p.add_argument("--warmup-epochs", default=None, help="warm-up lengths to search, e.g. 0.5,2 (default: "
+                   "the base config's)")
+    p.add_argument("--budget-epochs", type=float, default=30.0, help="epochs after which a trial is 'missed'")
+    p.add_argument("--eval-examples", type=int, default=2048, help="evaluate every max(1, round(this / B)) "
+                   "steps (default 2048)")
+    p.add_argument("--tol", type=float, default=1.25, help="knee tolerance over perfect scaling (default 1.25)")
+    p.add_argument("--jobs", type=int, default=0, help="trial processes at a time (default: the cores)")
+    p.add_argument("--out", metavar="DIR", help="sweep directory (default runs/sweep-<date>-<time>); "
+                   "an existing one with the same settings is resumed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def spec_from_args(args) -> SweepSpec:
+    from scalelab.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    opts = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    from scalelab.config import RecipeConfig
+
+    known = RecipeConfig.__dataclass_fields__["optimizer"].metadata["choices"]
+    for o in opts:
+        if o not in known:
+            raise ConfigError(f"--optimizers: unknown optimizer {o!r}; known: {', '.join(known)}")
+    guesses = {o: LRGuess(cfg.recipe.base_lr, cfg.recipe.base_batch, cfg.recipe.scaling) for o in opts}
+    for item in args.lr_guess:
+        opt, eq, rest = item.partition("=")
+        if not eq or opt not in opts:
+            raise ConfigError(f"--lr-guess {item!r}: expected OPT=LR@BATCH[:RULE] with OPT one of {', '.join(opts)}")
+        guesses[opt] = LRGuess.parse(rest)
+    warmups = _floats(args.warmup_epochs, "--warmup-epochs") if args.warmup_epochs else [cfg.recipe.warmup_epochs]
+    if any(w < 0 for w in warmups):
+        raise ConfigError("--warmup-epochs must be >= 0")
+    return SweepSpec(base=cfg.to_dict(), batches=parse_batches(args.batch), optimizers=opts,
+                     target_acc=args.target_acc, guesses={o: asdict(g) for o, g in guesses.items()},
+                     lr_mults=_floats(args.lr_mults, "--lr-mults"), warmups=warmups,
+                     budget_epochs=args.budget_epochs, eval_examples=args.eval_examples, extend=args.extend,
+                     tol=args.tol)
+
+
+def run(args) -> int:
+    import datetime as dt
+
+    spec = spec_from_args(args)
+    if args.jobs < 0:
+        raise ConfigError(f"--jobs {args.jobs}: must be >= 0")
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        summary = run_sweep(spec, out, args.jobs, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\nscalelab: interrupted; finished trials are kept in {out}/trials; rerun the same command "
+              f"to resume", file=sys.stderr)
+        return 130
+    print(format_table(summary))
+    print(f"sweep directory: {out}  (scalelab report {out} writes report.html)")
+    return 0
+
