@@ -31,6 +31,7 @@ from scalelab import checkpoint as ckpt
 from scalelab.config import Config, save_config
 from scalelab.data import DATASETS, Dataset, batch_indices, epoch_order, load_dataset, steps_per_epoch
 from scalelab.errors import ConfigError, DataError, DivergenceError, ScalelabError, unknown_name
+from scalelab.lab.noise import NoiseMonitor
 from scalelab.parallel.launch import WorkerFailure
 from scalelab.models import MODELS, build_model
 from scalelab.recipe import build_optimizer, build_schedule
@@ -264,6 +265,9 @@ class Trainer:
                   + (f" -> {self.out}" if self.out else ""))
 
         progress = Progress(total, c.step, enabled=t.progress and rt.is_main, desc=cfg.run_name())
+        # gradient noise scale (McCandlish et al. 2018), measured outside the training clock: scalelab.lab.noise
+        noise = (NoiseMonitor(B // used, t.noise_shards, seed=t.seed, label_smoothing=cfg.recipe.label_smoothing)
+                 if t.noise_every else None)
         ckdir = self.out / "checkpoints" if self.out else None
 
         def save(step: int) -> None:
@@ -358,6 +362,8 @@ class Trainer:
                 c.samples_seen += B
                 c.train_s += time.perf_counter() - step_t0
                 c.comm_bytes, c.comm_s = comm0_bytes + rt.comm.bytes_sent, comm0_s + rt.comm.exposed_s
+                if noise is not None and c.step % t.noise_every == 0:
+                    tracker.log("noise", c.step, **noise.measure(base, x_train, y_train, rt.all_reduce_sum))
 
                 if c.step % t.log_every == 0 or c.step == total:
                     mine = [(out.argmax(1) == yb).sum().item(), len(yb)] if out is not None else [0, 0]

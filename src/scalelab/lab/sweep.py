@@ -221,6 +221,16 @@ def run_trial(trial: Trial, cfg_dict: dict[str, Any], cap: int | None, out: str)
     return result
 
 
+def _worker_init() -> None:
+    """Trial workers die with the sweep process (Linux ``PR_SET_PDEATHSIG``), so a killed sweep leaves none."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
@@ -337,7 +347,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, jobs: int = 0, progress: bool = 
     running: dict[cf.Future, Trial] = {}
     t_start = time.perf_counter()
     ctx = mp.get_context("spawn")
-    ex = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+    ex = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init)
     try:
         while True:
             ready = []

@@ -1,0 +1,115 @@
+"""The knee of steps-to-target curves and the gradient-noise-scale estimators (McCandlish et al. 2018)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from scalelab.lab.knee import find_knee, fit_mccandlish, predicted_knee
+from scalelab.lab.noise import NoiseMonitor, estimate, shard_norms
+
+BATCHES = [2 ** k for k in range(5, 15)]  # 32 .. 16384
+
+
+def mccandlish(b_noise: float, s_min: float = 100.0):
+    return [s_min * (1 + b_noise / b) for b in BATCHES]
+
+
+@pytest.mark.parametrize("b_noise", [200.0, 1000.0, 5000.0, 40000.0])
+def test_knee_on_mccandlish_curves_matches_the_closed_form(b_noise):
+    k = find_knee(BATCHES, mccandlish(b_noise))
+    limit = predicted_knee(b_noise, BATCHES[0])
+    # the knee is the largest grid batch at or below the closed-form crossing of 1.25x perfect scaling
+    assert k.batch == max(b for b in BATCHES if b <= limit)
+    assert k.first_off == (min(b for b in BATCHES if b > limit) if limit < BATCHES[-1] else None)
+    assert k.ratios[BATCHES[0]] == 1.0
+    assert all(k.ratios[b] <= 1.25 for b in BATCHES if b <= k.batch)
+
+
+def test_knee_perfect_then_flat_and_missing_points():
+    steps = [6400 / b * 32 for b in BATCHES[:5]] + [400] * 5   # perfect to 512, then no further gain
+    assert find_knee(BATCHES, steps).batch == 512
+    # a batch that missed the target ends perfect scaling there, even if larger ones reach it again
+    holed = list(steps)
+    holed[3] = None
+    k = find_knee(BATCHES, holed)
+    assert k.batch == 128 and k.first_off == 256 and math.isinf(k.ratios[256])
+    # the reference is the smallest batch that reached the target
+    k = find_knee(BATCHES, [None] + steps[1:])
+    assert k.ref_batch == 64 and k.batch == 512
+    assert find_knee(BATCHES, [None] * len(BATCHES)).batch is None
+    # a tighter tolerance moves the knee down on a smooth curve
+    assert find_knee(BATCHES, mccandlish(5000), tol=1.05).batch < find_knee(BATCHES, mccandlish(5000)).batch
+
+
+def test_mccandlish_fit_recovers_noise_scale():
+    for b_noise in (300.0, 3000.0):
+        fit = fit_mccandlish(BATCHES, mccandlish(b_noise, 50.0))
+        assert fit is not None
+        assert fit[0] == pytest.approx(b_noise, rel=1e-3) and fit[1] == pytest.approx(50.0, rel=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    noisy = [s * math.exp(0.05 * torch.randn((), generator=gen).item()) for s in mccandlish(2000.0)]
+    assert fit_mccandlish(BATCHES, noisy)[0] == pytest.approx(2000.0, rel=0.25)
+
+
+def test_noise_estimators_are_unbiased_on_a_known_gradient_distribution():
+    """Per-example gradients z ~ N(mu, Sigma) with known |mu|^2 and tr(Sigma): averaged over many steps the
+    two-batch estimates match them, while the naive |G_B|^2 overestimates |G|^2 by tr(Sigma)/B."""
+    gen = torch.Generator().manual_seed(1)
+    d, k, b = 20, 8, 4
+    mu = torch.randn(d, generator=gen, dtype=torch.float64) * 0.3
+    scales = torch.rand(d, generator=gen, dtype=torch.float64) * 2 + 0.5        # Sigma = diag(scales^2) @ rotation
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    true_g2, true_trace = float(mu @ mu), float((scales ** 2).sum())
+    reps = 8000
+    z = mu + (torch.randn(reps, k, b, d, generator=gen, dtype=torch.float64) * scales) @ q.T
+    shard_grads = z.mean(2)                                   # (reps, k, d): each shard's mean gradient
+    small = (shard_grads ** 2).sum(-1).mean(-1)
+    big = (shard_grads.mean(1) ** 2).sum(-1)
+    s0, b0 = shard_norms(shard_grads[0])
+    assert s0.item() == pytest.approx(small[0].item()) and b0.item() == pytest.approx(big[0].item())
+    g2, trace = estimate(small, big, b, k * b)
+    se_g2, se_tr = g2.std().item() / reps ** 0.5, trace.std().item() / reps ** 0.5
+    assert abs(g2.mean().item() - true_g2) < 4 * se_g2
+    assert abs(trace.mean().item() - true_trace) < 4 * se_tr
+    naive_bias = true_trace / (k * b)                          # what ignoring the noise would add to |G|^2
+    assert big.mean().item() - true_g2 == pytest.approx(naive_bias, rel=0.1)
+    assert naive_bias > 20 * se_g2                             # the test could tell a biased estimator apart
+    with pytest.raises(ValueError):
+        estimate(1.0, 1.0, 8, 8)
+
+
+def test_monitor_restores_bn_statistics_and_gives_finite_estimates():
+    from scalelab.config import ModelConfig
+    from scalelab.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="mlp", width=32, depth=2), (16,), 4)
+    x, y = torch.randn(512, 16), torch.randint(0, 4, (512,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mon = NoiseMonitor(batch=128, shards=8)
+    rec = mon.measure(model, x, y)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert rec["b_small"] == 16 and rec["b_big"] == 128
+    assert rec["g_small_sq"] > rec["g_big_sq"] > 0 and math.isfinite(rec["b_simple"])
+
+
+def test_trainer_logs_noise_curve_and_cli_reports_it(tmp_path):
+    from scalelab.cli import main
+
+    out = tmp_path / "noise"
+    rc = main(["noise", "--set", "data.name=synthetic", "--set", "data.n_train=2048", "--set", "model.name=mlp",
+               "--set", "train.batch_size=128", "--set", "train.epochs=2", "--set", "train.progress=false",
+               "--set", "train.threads=1", "--every", "4", "--shards", "4", "--out", str(out)])
+    assert rc == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    noise = [r for r in recs if r["kind"] == "noise"]
+    assert [r["step"] for r in noise] == list(range(4, 33, 4))
+    result = json.loads((out / "noise.json").read_text())
+    assert result["measurements"] == 8 and result["batch"] == 128 and result["shards_batch"] == 32
+    assert result["predicted_critical_batch"] > 0 and (out / "noise.png").stat().st_size > 0
+    assert main(["noise", str(tmp_path)]) == 2  # a directory without noise records: one-line error
