@@ -22,6 +22,7 @@ EXTERNAL_COMMANDS: list[tuple[str, str, str]] = [
     ("project", "scalelab.perf.cli", "predict time-to-train on other hardware"),
     ("sweep", "scalelab.lab.sweep", "steps-to-target against batch size, with an LR search (Shallue et al. 2018)"),
     ("noise", "scalelab.lab.noise", "gradient noise scale and critical batch (McCandlish et al. 2018)"),
+    ("sharpness", "scalelab.lab.sharpness", "epsilon-sharpness of trained minima (Keskar et al. 2017)"),
 ]
 
 
