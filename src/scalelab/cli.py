@@ -23,6 +23,7 @@ EXTERNAL_COMMANDS: list[tuple[str, str, str]] = [
     ("sweep", "scalelab.lab.sweep", "steps-to-target against batch size, with an LR search (Shallue et al. 2018)"),
     ("noise", "scalelab.lab.noise", "gradient noise scale and critical batch (McCandlish et al. 2018)"),
     ("sharpness", "scalelab.lab.sharpness", "epsilon-sharpness of trained minima (Keskar et al. 2017)"),
+    ("scaling-law", "scalelab.lab.scaling_law", "power-law fits of error against data size (Hestness et al. 2017)"),
 ]
 
 
