@@ -1,4 +1,5 @@
-"""``scalelab report RUN_DIR``: the run's summary as a table, and PNG plots of its curves.
+"""``scalelab report RUN_DIR``: the run's summary as a table, and PNG plots of its curves (on a sweep directory:
+the sweep's HTML report, see :mod:`scalelab.lab.html`).
 
 Plots (in ``RUN_DIR/plots``): ``curves.png`` with loss and accuracy (train and test) against steps, samples and
 wall time, and ``lr.png`` with the learning rate against steps.
@@ -77,8 +78,13 @@ def plot_run(run_dir: Path, records: list[dict[str, Any]]) -> list[Path]:
 
 
 def report_run(run_dir: Path) -> str:
-    """Print-ready text: the summary table and the paths of the plots written."""
+    """Print-ready text: the summary table and the paths of the plots written (for a sweep directory, the
+    sweep's tables, plots and ``report.html``: :mod:`scalelab.lab.html`)."""
     run_dir = Path(run_dir)
+    if (run_dir / "sweep_spec.json").exists():
+        from scalelab.lab.html import report_sweep
+
+        return report_sweep(run_dir)
     records = read_metrics(run_dir)
     summary_path = run_dir / "summary.json"
     if summary_path.exists():

@@ -21,7 +21,8 @@ The search, per cell (optimizer, batch, warmup):
   ``--extend`` times per side (Shallue et al. check that the best point is not on the edge of the search
   space); when every point diverged it goes lower.
 
-Every trial is a separate worker process (``train.threads=1``, no run directory), up to ``--jobs`` at a time.
+Every trial is a separate worker process (``train.threads=1``, no run directory), up to ``--jobs`` at a time
+(``--jobs 1`` runs them in the sweep's own process).
 Each trial's result is written atomically to ``OUT/trials/<id>.json`` the moment it ends, so a killed sweep,
 run again with the same arguments, skips the finished trials and goes on. Failed trials (``diverged``,
 ``missed``: the budget ended first, ``pruned``, ``error``) are kept and marked.
@@ -221,6 +222,18 @@ def run_trial(trial: Trial, cfg_dict: dict[str, Any], cap: int | None, out: str)
     return result
 
 
+class _InlineExecutor:
+    """``--jobs 1``: trials run one after another in this process (no start-up cost of a worker process)."""
+
+    def submit(self, fn, *args) -> cf.Future:
+        fut: cf.Future = cf.Future()
+        fut.set_result(fn(*args))
+        return fut
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
 def _worker_init() -> None:
     """Trial workers die with the sweep process (Linux ``PR_SET_PDEATHSIG``), so a killed sweep leaves none."""
     if sys.platform.startswith("linux"):
@@ -347,7 +360,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, jobs: int = 0, progress: bool = 
     running: dict[cf.Future, Trial] = {}
     t_start = time.perf_counter()
     ctx = mp.get_context("spawn")
-    ex = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init)
+    ex = (cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) if jobs > 1
+          else _InlineExecutor())
     try:
         while True:
             ready = []

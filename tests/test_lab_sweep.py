@@ -1,0 +1,108 @@
+"""The batch-size sweep: the LR search rules, failed trials kept and marked, resume after kill -9, outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from scalelab.lab.sweep import SweepSpec, best_of, next_mults
+
+
+def spec(**kw) -> SweepSpec:
+    from scalelab.config import Config
+
+    base = dict(base=Config().to_dict(), batches=[32], optimizers=["sgd"], target_acc=0.9,
+                guesses={"sgd": {"lr": 0.1, "batch": 32, "rule": "linear"}}, lr_mults=[0.5, 1, 2], extend=1)
+    base.update(kw)
+    return SweepSpec(**base)
+
+
+def r(mult: float, status: str = "reached", steps: int | None = None) -> dict:
+    return {"mult": mult, "lr": 0.1 * mult, "status": status, "steps_to_target": steps}
+
+
+def test_search_order_edges_and_divergence():
+    s = spec()
+    assert next_mults(s, [], set()) == [1]                            # the centre first
+    assert next_mults(s, [], {1}) == []                               # ... and nothing else until it is back
+    assert next_mults(s, [r(1, steps=100)], set()) == [0.5, 2]        # then the rest of the grid
+    assert next_mults(s, [r(1, steps=100), r(0.5, "pruned")], {2}) == []
+    # the fastest point is on the upper edge: one more point beyond it, then stop (extend=1)
+    done = [r(1, steps=100), r(0.5, "pruned"), r(2, steps=60)]
+    assert next_mults(s, done, set()) == [4]
+    assert next_mults(s, done + [r(4, steps=50)], set()) == []
+    # a tie at the evaluation resolution is no reason to go further out
+    assert next_mults(s, [r(1, steps=100), r(0.5, steps=100), r(2, "pruned")], set()) == []
+    # everything diverged: go lower
+    assert next_mults(s, [r(m, "diverged") for m in (0.5, 1, 2)], set()) == [0.25]
+    assert best_of(done)["mult"] == 2
+    with pytest.raises(Exception):
+        spec(target_acc=1.5)
+
+
+def test_failed_trials_are_kept_and_marked(tmp_path):
+    from scalelab.config import load_config
+    from scalelab.lab.sweep import Trial, load_trials, run_trial, trial_config
+
+    base = load_config(None, ["data.name=digits", "model.name=mlp", "recipe.schedule=constant"]).to_dict()
+    s = spec(base=base, target_acc=0.99, budget_epochs=1, eval_examples=256)
+    for mult, status in [(1e12, "diverged"), (1.0, "missed"), (1.0, "pruned")]:
+        t = Trial("sgd", 64, 0.0, mult, 0.05 * mult)
+        cap = 5 if status == "pruned" else None
+        res = run_trial(t, trial_config(s, t, cap), cap, str(tmp_path))
+        assert res["status"] == status and res["steps_to_target"] is None
+        assert load_trials(tmp_path)[t.id]["status"] == status   # written to its own file
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((d / "trials").glob("*.json"))}
+
+
+def test_sweep_killed_then_resumed_does_not_redo_finished_trials(tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--set", "data.name=digits", "--set", "model.name=mlp", "--set", "model.width=32",
+            "--set", "recipe.schedule=constant", "--set", "recipe.warmup_epochs=0.2", "--batch", "32,64",
+            "--target-acc", "0.85", "--optimizers", "sgd", "--lr-guess", "sgd=0.05@32",
+            "--lr-mults", "0.5,1", "--extend", "0", "--budget-epochs", "4", "--eval-examples", "128",
+            "--jobs", "1", "--no-progress", "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    proc = subprocess.Popen([sys.executable, "-m", "scalelab", *args], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(_files(out)) < 1 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)          # the sweep and its worker, as kill -9 would
+    proc.wait()
+    before = _files(out)
+    assert 1 <= len(before) < 4 and not (out / "sweep.json").exists()
+
+    from scalelab.cli import main
+    from scalelab.lab.sweep import load_trials
+
+    assert main(args) == 0
+    after = _files(out)
+    assert len(after) == 4
+    assert all(after[name] == data for name, data in before.items())   # finished trials were not run again
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["resumed_trials"] == len(before)
+    assert set(load_trials(out)) == {json.loads(v)["id"] for v in after.values()}
+    rows = list(csv.DictReader((out / "sweep.csv").read_text().splitlines()))
+    assert len(rows) == 4 and {"batch", "optimizer", "steps_to_target", "best"} <= set(rows[0])
+    best = list(csv.DictReader((out / "best.csv").read_text().splitlines()))
+    assert [int(b["batch"]) for b in best] == [32, 64] and all(b["steps_to_target"] for b in best)
+    assert summary["knees"]["sgd"]["ref_batch"] == 32
+    assert (out / "plots" / "steps_to_target.png").stat().st_size > 0
+    # the report on a sweep directory writes the HTML page
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "Steps to target" in page and "Partial" not in page
+    # other settings in the same directory are refused in one line
+    assert main([a if a != "0.85" else "0.8" for a in args]) == 2
