@@ -74,6 +74,7 @@ class Counters:
     base_batch: int = 0  # global batch before growth; 0 = train.batch_size (changes at a keep_worker resize)
     micro_batch: int = 0  # per-worker micro-batch set at an elastic resize (keep_global); 0 = none
     last_batch: int = 0  # global batch of the last step
+    schedule_epochs: float = 0.0  # length of the LR schedule in epochs, fixed by the first session
 
     def to_state(self) -> dict[str, Any]:
         return asdict(self)
@@ -272,7 +273,11 @@ class Trainer:
             self._resume_keys = set(resume_state["counters"])
         plan, resized = self._batch_plan(c, len(x_train), world, used)
         spe = plan.ref_steps_per_epoch
-        total_ref = t.max_steps or max(1, math.ceil(t.epochs * spe))  # the LR schedule's length
+        # the LR schedule's length in steps of the base batch; kept in epochs across sessions, since a
+        # keep_worker resize changes the base batch
+        if not c.schedule_epochs:
+            c.schedule_epochs = (t.max_steps or max(1, math.ceil(t.epochs * spe))) / spe
+        total_ref = max(1, round(c.schedule_epochs * spe))
         total = plan.count_steps(c.epoch, c.epoch_pos, total_ref, t.max_steps, done=c.step)
         eval_every, ckpt_every = t.eval_every, t.checkpoint_every  # 0: at the end of every epoch
 
