@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-restarts", type=int, default=0, metavar="R",
                     help="with --nproc: restart the workers up to R times when one dies; they resume from "
                          "the latest checkpoint")
+    tr.add_argument("--nnodes", default="1", metavar="N|MIN:MAX",
+                    help="with --rdzv-endpoint: this machine is one of N nodes (or MIN..MAX, elastic: nodes may "
+                         "join and leave; the workers resume on the new world size)")
+    tr.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
+                    help="where the nodes of a multi-node job meet (c10d rendezvous, hosted by the first node)")
+    tr.add_argument("--rdzv-id", default="", metavar="ID", help="job id shared by the nodes of one job")
     tr.set_defaults(run=_cmd_train)
 
     rp = sub.add_parser("report", help="print a run's summary and write its plots")
@@ -81,7 +87,7 @@ def _cmd_train(args) -> int:
     overrides = list(args.overrides) + (["train.progress=false"] if args.no_progress else [])
     cfg = load_config(config_path, overrides)
     out = Path(args.out) if args.out else default_out_dir(cfg)
-    if args.nproc > 1:
+    if args.nproc > 1 or args.nnodes != "1" or args.rdzv_endpoint:
         return _launch(cfg, out, args)
     import os
 
@@ -104,26 +110,36 @@ def _launch(cfg, out: Path, args) -> int:
 
     from scalelab.config import save_config
     from scalelab.data import load_dataset
-    from scalelab.parallel.launch import launch_workers
+    from scalelab.parallel.launch import launch_workers, parse_nnodes
     from scalelab.train import check_names, print_summary, refuse_existing_run, workers_used
 
+    nnodes = parse_nnodes(args.nnodes)
+    multinode = nnodes != (1, 1)
+    if multinode and not (args.rdzv_endpoint and args.rdzv_id and args.out):
+        raise ConfigError("--nnodes with more than one node needs --rdzv-endpoint HOST:PORT, --rdzv-id ID and "
+                          "--out DIR (the same on every node)")
     check_names(cfg)
-    workers_used(cfg, args.nproc)
-    if not args.resume:
+    workers_used(cfg, args.nproc * nnodes[0], check_batch=not multinode)
+    # the nodes of a multi-node job start at different times: each resumes what is there (or starts it)
+    resume = args.resume or multinode
+    if not resume:
         refuse_existing_run(out)
     load_dataset(cfg.data)  # generate or download once, here, not in every worker
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.toml")
+    if not (out / "config.toml").exists() or not multinode:
+        save_config(cfg, out / "config.toml")
     worker_args = ["train", "--config", str(out / "config.toml"), "--out", str(out)]
-    if args.resume:
+    if resume:
         worker_args.append("--resume")
     try:
-        launch_workers(worker_args, args.nproc, args.max_restarts, out)
+        launch_workers(worker_args, args.nproc, args.max_restarts, out, nnodes=nnodes,
+                       rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id)
     except KeyboardInterrupt:
         print(f"\nscalelab: interrupted; continue with: scalelab train --out {out} --resume --nproc {args.nproc}",
               file=sys.stderr)
         return 130
-    print_summary(json.loads((out / "summary.json").read_text()))
+    if (out / "summary.json").exists():  # on other nodes the run directory may be rank 0's alone
+        print_summary(json.loads((out / "summary.json").read_text()))
     print(f"run directory: {out}")
     return 0
 

@@ -85,12 +85,17 @@ class RecipeConfig:
     rms_center_epochs: float = _f(10.0, lo=0.0, doc="rmsprop_warmup: beta_c")
     rms_period_epochs: float = _f(5.0, lo=0.0, lo_open=True, doc="rmsprop_warmup: beta_p")
     grad_clip: float = _f(0.0, lo=0.0, doc="clip the global gradient norm; 0 = off")
+    batch_milestones: list[float] = _f([], doc="epochs where the global batch grows by batch_growth (Smith et al. "
+                                               "2017: increase the batch instead of decaying the LR)")
+    batch_growth: float = _f(5.0, lo=1.0, doc="factor of the global batch at each of batch_milestones")
 
 
 @dataclass
 class TrainConfig:
     name: str = _f("", doc="run name; '' = derived from dataset, model, optimizer and batch")
     batch_size: int = _f(256, lo=1, doc="global batch B over all workers")
+    micro_batch: int = _f(0, lo=0, doc="largest share of the batch one worker puts through one forward/backward; "
+                                       "larger shares accumulate gradients; 0 = no limit")
     epochs: float = _f(10.0, lo=0.0, lo_open=True)
     max_steps: int = _f(0, lo=0, doc="stop after this many steps; 0 = from epochs")
     target_acc: float = _f(0.0, lo=0.0, hi=1.0, doc="stop at this test accuracy; 0 = train to the end")
@@ -118,6 +123,9 @@ class ParallelConfig:
     timeout_s: float = _f(300.0, lo=1.0, doc="a collective waiting longer than this reports a hung worker")
     backup_workers: int = _f(0, lo=0, doc="of the N workers, average the first N - b gradients of each step and "
                                           "drop the b late ones (Chen et al. 2016)")
+    resize: str = _f("keep_global", choices=("keep_global", "keep_worker"),
+                     doc="when a restart changes the number of workers: keep the global batch (shares and "
+                         "gradient accumulation change) or keep each worker's share (the LR rule re-applies)")
 
 
 @dataclass
@@ -267,6 +275,11 @@ def _validate_cross(cfg: Config) -> None:
         raise ConfigError(f"train.noise_shards: {t.noise_shards} must divide train.batch_size={t.batch_size}")
     if sorted(r.milestones) != r.milestones:
         raise ConfigError(f"recipe.milestones: {r.milestones!r} must be increasing")
+    if sorted(r.batch_milestones) != r.batch_milestones or any(m <= 0 for m in r.batch_milestones):
+        raise ConfigError(f"recipe.batch_milestones: {r.batch_milestones!r} must be increasing epochs > 0")
+    if p.emulate_workers > 1 and (t.micro_batch or r.batch_milestones):
+        raise ConfigError("parallel.emulate_workers: emulation splits one forward pass into K workers; it does not "
+                          "combine with train.micro_batch or recipe.batch_milestones")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -11,6 +11,7 @@ timed apart, so time-to-target and samples/s describe training alone.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -35,6 +36,8 @@ from scalelab.lab.noise import NoiseMonitor
 from scalelab.parallel.launch import WorkerFailure
 from scalelab.models import MODELS, build_model
 from scalelab.recipe import build_optimizer, build_schedule
+from scalelab.recipe.batch import BatchPlan
+from scalelab.recipe.schedule import peak_lr
 from scalelab.parallel.runtime import Runtime, init_runtime
 from scalelab.parallel.stragglers import BackupSync, straggler_delay
 from scalelab.track import Progress, Tracker, summary_table
@@ -67,6 +70,12 @@ class Counters:
     comm_s: float = 0.0
     dropped_grads: int = 0
     world_size: int = 1  # of the session that wrote the checkpoint
+    epoch: int = 0  # data position: the epoch being read ...
+    epoch_pos: int = 0  # ... and the samples of its permutation read so far (see scalelab.recipe.batch)
+    base_batch: int = 0  # global batch before growth; 0 = train.batch_size (changes at a keep_worker resize)
+    micro_batch: int = 0  # per-worker micro-batch set at an elastic resize (keep_global); 0 = none
+    last_batch: int = 0  # global batch of the last step
+    schedule_epochs: float = 0.0  # length of the LR schedule in epochs, fixed by the first session
 
     def to_state(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,13 +102,13 @@ def refuse_existing_run(out: Path) -> None:
                           f"or choose another directory")
 
 
-def workers_used(cfg: Config, world: int) -> int:
+def workers_used(cfg: Config, world: int, check_batch: bool = True) -> int:
     """Workers whose gradients make a step (all but the backup workers); each takes B / that many samples."""
     used = world - cfg.parallel.backup_workers
     if used < 1:
         raise ConfigError(f"parallel.backup_workers: {cfg.parallel.backup_workers} leaves no worker of "
                           f"{world}; allowed: 0 .. {world - 1}")
-    if cfg.train.batch_size % used:
+    if check_batch and cfg.train.batch_size % used:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by the {used} workers "
                           f"whose gradients are used (workers minus parallel.backup_workers); each takes B/N")
     return used
@@ -160,6 +169,7 @@ class Trainer:
         self.rt = Runtime()
         self._data = data
         self._step = 0  # the step in progress, for error messages
+        self._resume_keys: set[str] = set()
 
     # ---- set-up -------------------------------------------------------------------------------------
     def _prepare_out(self) -> dict[str, Any] | None:
@@ -210,6 +220,39 @@ class Trainer:
         return WorkerFailure(f"rank {rt.rank}: a collective at step {self._step} failed after waiting up to "
                              f"parallel.timeout_s={rt.timeout_s:g} s: {who} ({str(e).splitlines()[0][:120]})")
 
+    def _batch_plan(self, c: Counters, n: int, world: int, used: int) -> tuple[BatchPlan, str]:
+        """This session's batch plan; at a restart on another number of workers, apply ``parallel.resize`` and
+        return the log line that says what changed (else "")."""
+        cfg = self.cfg
+        base_B, micro, msg = c.base_batch or cfg.train.batch_size, c.micro_batch, ""
+        if c.step and c.world_size != world:
+            old_share = base_B // max(1, c.world_size - cfg.parallel.backup_workers)
+            msg = f"world size changed from {c.world_size} to {world} workers at restart: "
+            if cfg.parallel.resize == "keep_global":
+                new_share = base_B // used
+                msg += (f"keeping the global batch {base_B} and the recipe; per-worker batch {old_share} -> "
+                        f"{new_share}")
+                if not cfg.train.micro_batch and new_share > (micro or old_share):
+                    micro = micro or old_share
+                if micro and new_share > micro and not cfg.train.micro_batch:
+                    msg += (f" in {math.ceil(new_share / micro)} micro-batches of {micro} (gradient "
+                            f"accumulation keeps each worker's memory)")
+                msg += " (parallel.resize=keep_global)"
+            else:
+                new_B = old_share * used
+                msg += (f"keeping each worker's batch {old_share}; global batch {base_B} -> {new_B}, peak lr "
+                        f"{peak_lr(cfg.recipe, base_B):.4g} -> {peak_lr(cfg.recipe, new_B):.4g} by the "
+                        f"{cfg.recipe.scaling} scaling rule (parallel.resize=keep_worker)")
+                base_B = new_B
+        r = cfg.recipe
+        plan = BatchPlan(base_B, n, used, world, tuple(r.batch_milestones), r.batch_growth,
+                         cfg.train.micro_batch or micro)
+        if c.step and "epoch_pos" not in self._resume_keys:  # a checkpoint from before the data position
+            c.epoch, k = divmod(c.step, plan.ref_steps_per_epoch)
+            c.epoch_pos = k * plan.read(base_B)
+        c.base_batch, c.micro_batch = base_B, micro
+        return plan, msg
+
     def _run(self) -> dict[str, Any]:
         cfg, t, rt = self.cfg, self.cfg.train, self.rt
         wall0 = time.perf_counter()
@@ -223,30 +266,34 @@ class Trainer:
         lo, hi = rank * len(data.x_test) // world, (rank + 1) * len(data.x_test) // world
         x_test, y_test = data.x_test[lo:hi].to(device, dtype), data.y_test[lo:hi].to(device)
         B = t.batch_size
-        used = workers_used(cfg, world)
-        read = B // used * world  # samples read per step: with backup workers, the late shares are dropped
-        spe = steps_per_epoch(len(x_train), read)
-        total = t.max_steps or max(1, math.ceil(t.epochs * spe))
-        eval_every = t.eval_every or spe
-        ckpt_every = t.checkpoint_every or spe
+        used = workers_used(cfg, world, check_batch=False)
+        c = Counters()
+        if resume_state is not None:
+            c = Counters.from_state(resume_state["counters"])
+            c.restarts += 1
+            self._resume_keys = set(resume_state["counters"])
+        plan, resized = self._batch_plan(c, len(x_train), world, used)
+        spe = plan.ref_steps_per_epoch
+        # the LR schedule's length in steps of the base batch; kept in epochs across sessions, since a
+        # keep_worker resize changes the base batch
+        if not c.schedule_epochs:
+            c.schedule_epochs = (t.max_steps or max(1, math.ceil(t.epochs * spe))) / spe
+        total_ref = max(1, round(c.schedule_epochs * spe))
+        total = plan.count_steps(c.epoch, c.epoch_pos, total_ref, t.max_steps, done=c.step)
+        eval_every, ckpt_every = t.eval_every, t.checkpoint_every  # 0: at the end of every epoch
 
         torch.manual_seed(t.seed)
         base = build_model(cfg.model, data.input_shape, data.num_classes).to(device, dtype)
-        opt = build_optimizer(cfg.recipe, base, spe, global_batch=B)
-        sched = build_schedule(cfg.recipe, B, spe, total)
-        c = Counters()
+        opt = build_optimizer(cfg.recipe, base, spe, global_batch=plan.base)
+        sched = build_schedule(cfg.recipe, plan.base, spe, total_ref)
         if resume_state is not None:
             base.load_state_dict(resume_state["model"])
             opt.load_state_dict(resume_state["optimizer"])
-            c = Counters.from_state(resume_state["counters"])
-            c.restarts += 1
             ckpt.set_rng_state(resume_state["rng"])
-            self._log(f"resumed from step {c.step} (epoch {c.step / spe:.2f}) in {self.out}")
-            if c.world_size != world:
-                # Elastic membership: the global batch and the recipe are kept, each worker's share changes.
-                before = B // max(1, c.world_size - cfg.parallel.backup_workers)
-                self._log(f"world size changed from {c.world_size} to {world} workers at restart: keeping the "
-                          f"global batch {B} and the recipe; per-worker batch {before} -> {B // used}")
+            self._log(f"resumed from step {c.step} (epoch {plan.ref_step(c.epoch, c.epoch_pos) / spe:.2f}) "
+                      f"in {self.out}")
+            if resized:
+                self._log(resized)
         c.world_size = world
         backup = BackupSync(rt, used) if cfg.parallel.backup_workers else None
         model = rt.wrap(base, cfg, ddp=backup is None)
@@ -255,9 +302,13 @@ class Trainer:
         tracker = Tracker(self.out if rt.is_main else None,
                           resume_step=c.step if resume_state is not None else None)
         self._log(f"run {cfg.run_name()}: {data.name} ({len(x_train)} train / {len(data.x_test)} test), "
-                  f"{cfg.model.name}, {cfg.recipe.optimizer}, B={B}"
-                  + (f" = {used} workers x {B // used}" if world > 1 else "")
+                  f"{cfg.model.name}, {cfg.recipe.optimizer}, B={plan.base}"
+                  + (f" = {used} workers x {plan.share(plan.base)}" if world > 1 else "")
                   + (f" (+{world - used} backup)" if world > used else "")
+                  + (f", batch x{cfg.recipe.batch_growth:g} at epochs "
+                     f"{', '.join(f'{m:g}' for m in cfg.recipe.batch_milestones)}"
+                     if cfg.recipe.batch_milestones else "")
+                  + (f", micro-batches of {plan.micro}" if plan.micro else "")
                   + f", {total} steps ({spe}/epoch), lr {sched}, device {device}, "
                   f"{torch.get_num_threads()} threads" + ("/worker" if world > 1 else "")
                   + (f", {cfg.parallel.emulate_workers} emulated workers"
@@ -291,16 +342,20 @@ class Trainer:
             reached = bool(t.target_acc) and acc >= t.target_acc and c.steps_to_target is None
             if reached:
                 c.steps_to_target, c.time_to_target_s = c.step, c.train_s
-            tracker.log("eval", c.step, epoch=c.step / spe, test_loss=loss, test_acc=acc, test_n=n,
+            tracker.log("eval", c.step, epoch=epochs_done(), test_loss=loss, test_acc=acc, test_n=n,
                         train_s=c.train_s, eval_s=c.eval_s, wall_s=c.train_s + c.eval_s + c.ckpt_s,
                         samples=c.samples_seen)
             progress.update(0, test_acc=acc)
             return reached
 
+        def epochs_done() -> float:
+            return plan.ref_step(c.epoch, c.epoch_pos) / spe
+
         model.train()
         order, order_epoch = None, -1
-        log_t0, log_step0 = c.train_s, c.step
+        log_t0, log_samples0 = c.train_s, c.samples_seen
         stopped = "completed"
+        smoothing = cfg.recipe.label_smoothing
         try:
             while c.step < total:
                 if rank == cfg.faults.kill_rank and c.step == cfg.faults.kill_step and c.restarts == 0:
@@ -309,35 +364,32 @@ class Trainer:
                     inject_hang(rank, c.step)
                 step_t0 = time.perf_counter()
                 self._step = c.step
-                epoch, k = divmod(c.step, spe)
+                epoch, pos, Bs = plan.start(c.epoch, c.epoch_pos)
                 if epoch != order_epoch:
                     order, order_epoch = epoch_order(len(x_train), t.seed, epoch).to(device), epoch
-                idx = batch_indices(order, k, read, rank, world)
-                lr = sched(c.step)
+                read, share = plan.read(Bs), plan.share(Bs)
+                idx = order[pos + rank * share:pos + (rank + 1) * share]
+                lr = sched(plan.ref_step(epoch, pos))
                 for g in opt.param_groups:
                     g["lr"] = lr
                 xb, yb = x_train[idx], y_train[idx]
+                chunks = plan.micro_batches(Bs)
+                log_now = (c.step + 1) % t.log_every == 0 or c.step + 1 == total
                 delay = straggler_delay(cfg.stragglers, rank, c.step)
                 opt.zero_grad(set_to_none=True)
+                hits = None
                 if backup is None:
                     if delay:
                         time.sleep(delay)
-                    out = model(xb)
-                    loss = F.cross_entropy(out, yb, label_smoothing=cfg.recipe.label_smoothing)
                     # the mean loss over all workers (equal shares): the same on every rank, so every rank
                     # takes the same decision about a non-finite loss; reduced while backward runs
-                    loss_sum = loss.detach().clone()
-                    pending = rt.all_reduce_sum_async(loss_sum)
-                    loss.backward()
-                    rt.end_backward()
+                    loss_sum, hits, pending = forward_backward(model, xb, yb, chunks, smoothing, rt, log_now)
                     pending.wait()
                     loss_v = loss_sum.item() / world
                 else:
-                    out, loss, included = None, torch.zeros((), dtype=dtype), False
+                    loss, included = torch.zeros((), dtype=dtype), False
                     if backup.wait(delay, c.step):
-                        out = model(xb)
-                        loss = F.cross_entropy(out, yb, label_smoothing=cfg.recipe.label_smoothing)
-                        loss.backward()
+                        loss, hits, _ = forward_backward(model, xb, yb, chunks, smoothing, None, log_now)
                         included = backup.arrive(c.step)
                     loss_v, dropped = backup.reduce(params, loss, included, c.step)
                     c.dropped_grads += len(dropped)
@@ -351,7 +403,7 @@ class Trainer:
                     if t.on_nan == "stop":
                         kept = ckpt.list_checkpoints(ckdir) if ckdir else []
                         raise DivergenceError(
-                            f"loss is {loss_v} at step {c.step} (epoch {c.step / spe:.2f}, lr {lr:.4g}); "
+                            f"loss is {loss_v} at step {c.step} (epoch {epochs_done():.2f}, lr {lr:.4g}); "
                             f"stopped, last good checkpoint: {kept[-1][1].name if kept else 'none'}; "
                             f"lower recipe.base_lr, add warmup, or set train.on_nan=skip")
                     c.skipped_steps += 1
@@ -359,34 +411,36 @@ class Trainer:
                 else:
                     opt.step()
                 c.step += 1
-                c.samples_seen += B
+                c.samples_seen += Bs
+                c.epoch, c.epoch_pos, c.last_batch = epoch, pos + read, Bs
+                epoch_end = plan.epoch_ends(c.epoch, c.epoch_pos)
                 c.train_s += time.perf_counter() - step_t0
                 c.comm_bytes, c.comm_s = comm0_bytes + rt.comm.bytes_sent, comm0_s + rt.comm.exposed_s
                 if noise is not None and c.step % t.noise_every == 0:
                     tracker.log("noise", c.step, **noise.measure(base, x_train, y_train, rt.all_reduce_sum))
 
-                if c.step % t.log_every == 0 or c.step == total:
-                    mine = [(out.argmax(1) == yb).sum().item(), len(yb)] if out is not None else [0, 0]
-                    hits = rt.all_reduce_sum(torch.tensor(mine, dtype=torch.float64))
-                    acc = (hits[0] / hits[1]).item()
+                if log_now:
+                    mine = [hits, len(yb)] if hits is not None else [0, 0]
+                    counts = rt.all_reduce_sum(torch.tensor(mine, dtype=torch.float64))
+                    acc = (counts[0] / counts[1]).item()
                     dt = c.train_s - log_t0
-                    sps = (c.step - log_step0) * B / dt if dt > 0 else 0.0
-                    log_t0, log_step0 = c.train_s, c.step
-                    tracker.log("train", c.step, epoch=c.step / spe, loss=loss_v, acc=acc, lr=lr,
+                    sps = (c.samples_seen - log_samples0) / dt if dt > 0 else 0.0
+                    log_t0, log_samples0 = c.train_s, c.samples_seen
+                    tracker.log("train", c.step, epoch=epochs_done(), loss=loss_v, acc=acc, lr=lr, batch=Bs,
                                 samples=c.samples_seen, samples_per_s=sps, train_s=c.train_s,
                                 wall_s=c.train_s + c.eval_s + c.ckpt_s,
                                 comm_bytes=c.comm_bytes, comm_s=c.comm_s)
-                    progress.update(1, epoch=f"{c.step / spe:.2f}", loss=loss_v, acc=acc, lr=lr,
+                    progress.update(1, epoch=f"{epochs_done():.2f}", loss=loss_v, acc=acc, lr=lr,
                                     samples_s=round(sps))
                 else:
                     progress.update(1)
 
-                if c.step % eval_every == 0 or c.step == total:
+                if (c.step % eval_every == 0 if eval_every else epoch_end) or c.step == total:
                     if do_eval():
                         stopped = "target"
                         save(c.step)
                         break
-                if c.step % ckpt_every == 0 or c.step == total:
+                if (c.step % ckpt_every == 0 if ckpt_every else epoch_end) or c.step == total:
                     save(c.step)
         finally:
             progress.close()
@@ -394,7 +448,7 @@ class Trainer:
 
         if c.last_eval_step != c.step:
             do_eval()
-        summary = self._summary(c, spe, B, base, stopped, time.perf_counter() - wall0)
+        summary = self._summary(c, epochs_done(), plan.base, base, stopped, time.perf_counter() - wall0)
         tracker.log("summary", c.step, **{k: v for k, v in summary.items() if not isinstance(v, str)})
         tracker.close()
         if self.out is not None and rt.is_main:
@@ -403,14 +457,14 @@ class Trainer:
             os.replace(tmp, self.out / "summary.json")
         return summary
 
-    def _summary(self, c: Counters, spe: int, B: int, model, stopped: str, wall_s: float) -> dict[str, Any]:
+    def _summary(self, c: Counters, epochs: float, B: int, model, stopped: str, wall_s: float) -> dict[str, Any]:
         t = self.cfg.train
         return {
             "final_test_acc": c.last_test_acc,
             "best_test_acc": c.best_test_acc,
             "final_test_loss": c.last_test_loss,
             "steps": c.step,
-            "epochs": c.step / spe,
+            "epochs": epochs,
             "samples_seen": c.samples_seen,
             "wall_s": wall_s,
             "train_s": c.train_s,
@@ -425,6 +479,7 @@ class Trainer:
             "world_size": self.rt.world_size,
             "emulated_workers": self.cfg.parallel.emulate_workers,
             "global_batch": B,
+            "last_global_batch": c.last_batch or B,
             "comm_bytes": c.comm_bytes,
             "comm_s": c.comm_s,
             "compute_s": c.train_s - c.comm_s,
@@ -434,6 +489,36 @@ class Trainer:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
             "params_sha256": params_sha256(model),
         }
+
+
+def forward_backward(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor, chunks: int,
+                     label_smoothing: float, rt: Runtime | None, count_hits: bool):
+    """Gradient of this worker's mean loss over ``xb``, in ``chunks`` forward/backward passes (accumulation).
+
+    Each micro-batch's loss is weighted by its share of the samples, so the accumulated gradient is the mean
+    over all of them; under DDP every pass but the last skips the all-reduce (``no_sync``). With ``rt`` the
+    summed loss is all-reduced asynchronously, launched just before the last backward so that it travels
+    ahead of the gradient buckets. Returns ``(loss tensor, correct predictions or None, handle to wait on)``.
+    """
+    xs, ys = xb.tensor_split(chunks), yb.tensor_split(chunks)
+    total, hits, pending = None, 0 if count_hits else None, None
+    for i, (xc, yc) in enumerate(zip(xs, ys)):
+        last = i == chunks - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            out = model(xc)
+            loss = F.cross_entropy(out, yc, label_smoothing=label_smoothing)
+            if chunks > 1:
+                loss = loss * (len(yc) / len(yb))
+            total = loss.detach().clone() if total is None else total + loss.detach()
+            if last and rt is not None:
+                pending = rt.all_reduce_sum_async(total)
+            loss.backward()
+        if count_hits:
+            hits += (out.argmax(1) == yc).sum().item()
+    if rt is not None:
+        rt.end_backward()
+    return total, hits, pending
 
 
 def _is_comm_failure(e: RuntimeError) -> bool:

@@ -8,6 +8,11 @@ c10d rendezvous, worker monitoring and restarts), not a home-made spawner. Each 
 Before any worker starts, this process validates the config, creates the run directory and prepares the data
 (so that N workers do not generate or download the same dataset at once). When a worker dies, the agent stops
 the group and starts it again, up to ``max_restarts`` times; the workers then resume from the latest checkpoint.
+
+Elastic membership: with ``nnodes=(MIN, MAX)`` and a shared rendezvous endpoint, this process is one node of a job
+whose size may change (``scalelab train --nnodes 1:4 --rdzv-endpoint HOST:PORT``, like ``torchrun --nnodes 1:4``).
+When a node joins or leaves, every agent stops its workers, a new rendezvous forms the new group, and the workers
+resume from the latest checkpoint on the new world size (see ``parallel.resize``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from scalelab.errors import ScalelabError
+from scalelab.errors import ConfigError, ScalelabError
 
 
 class WorkerFailure(ScalelabError):
@@ -35,8 +40,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_workers(worker_args: list[str], nproc: int, max_restarts: int = 0, out: Path | None = None) -> None:
+def parse_nnodes(text: str) -> tuple[int, int]:
+    """``"N"`` or ``"MIN:MAX"`` (torchrun's ``--nnodes``) as ``(min, max)``."""
+    try:
+        lo, _, hi = text.partition(":")
+        nodes = (int(lo), int(hi or lo))
+    except ValueError:
+        nodes = (0, 0)
+    if not 1 <= nodes[0] <= nodes[1]:
+        raise ConfigError(f"--nnodes {text!r}: expected N or MIN:MAX with 1 <= MIN <= MAX, e.g. 2 or 1:4")
+    return nodes
+
+
+def launch_workers(worker_args: list[str], nproc: int, max_restarts: int = 0, out: Path | None = None, *,
+                   nnodes: tuple[int, int] = (1, 1), rdzv_endpoint: str = "", rdzv_id: str = "",
+                   last_call_s: float = 5.0) -> None:
     """Run ``python -m scalelab <worker_args>`` as ``nproc`` workers of one elastic job on this machine.
+
+    With ``nnodes`` other than ``(1, 1)`` this machine is one node of a multi-node (or elastic) job that meets at
+    ``rdzv_endpoint`` under ``rdzv_id``; ``last_call_s`` is how long a rendezvous that has its minimum of nodes
+    waits for more.
 
     Raises:
         WorkerFailure: when a worker failed ``max_restarts + 1`` times; the message names the rank, its exit
@@ -48,10 +71,16 @@ def launch_workers(worker_args: list[str], nproc: int, max_restarts: int = 0, ou
     # the agent logs every rendezvous and restart at INFO; keep warnings (a restart is one) and errors
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"scalelab-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=max_restarts,
-        monitor_interval=0.1)
+        min_nodes=nnodes[0], max_nodes=nnodes[1], nproc_per_node=nproc,
+        run_id=rdzv_id or f"scalelab-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
+        rdzv_endpoint=rdzv_endpoint or f"127.0.0.1:{free_port()}", max_restarts=max_restarts,
+        monitor_interval=0.1 if nnodes == (1, 1) else 0.5,
+        rdzv_configs={"last_call_timeout": last_call_s, "join_timeout": 600})
     os.environ["SCALELAB_LAUNCHER"] = "1"  # workers inherit it: the parent prints the summary, not rank 0
+    # torch 2.13: with the agents' TCP store shared with the workers (the default), a node that joins a running
+    # job waits forever for MASTER_ADDR, because the rank-0 agent publishes it only at its first rendezvous.
+    # Without sharing, rank 0 publishes it at every rendezvous and the workers get a fresh store each round.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         elastic_launch(config, sys.executable)("-m", "scalelab", *worker_args)
     except ChildFailedError as e:
