@@ -110,7 +110,7 @@ class TrainConfig:
     dtype: str = _f("float32", choices=("float32", "float64"), doc="parameter and data dtype")
     eval_batch: int = _f(4096, lo=1)
     progress: bool = _f(True, doc="live progress bar")
-    noise_every: int = _f(0, lo=0, doc="log the gradient noise scale every N steps (McCandlish et al. 2018); 0 = off")
+    noise_every: int = _f(0, lo=0, doc="log the gradient noise scale every N steps (McCandlish 2018); 0 = off")
     noise_shards: int = _f(8, lo=2, doc="noise scale: shards of the batch that give the small-batch gradients")
 
 
