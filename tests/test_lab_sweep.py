@@ -43,6 +43,11 @@ def test_search_order_edges_and_divergence():
     assert next_mults(s, [r(1, steps=100), r(0.5, steps=100), r(2, "pruned")], set()) == []
     # everything diverged: go lower
     assert next_mults(s, [r(m, "diverged") for m in (0.5, 1, 2)], set()) == [0.25]
+    # nothing reached: towards the edge with the best accuracy, if an edge has it
+    missed = [dict(r(m, "missed"), best_test_acc=a) for m, a in ((0.5, 0.8), (1, 0.6), (2, 0.1))]
+    assert next_mults(s, missed, set()) == [0.25]
+    missed[1]["best_test_acc"] = 0.9
+    assert next_mults(s, missed, set()) == []
     assert best_of(done)["mult"] == 2
     with pytest.raises(Exception):
         spec(target_acc=1.5)
@@ -99,6 +104,10 @@ def test_sweep_killed_then_resumed_does_not_redo_finished_trials(tmp_path):
     best = list(csv.DictReader((out / "best.csv").read_text().splitlines()))
     assert [int(b["batch"]) for b in best] == [32, 64] and all(b["steps_to_target"] for b in best)
     assert summary["knees"]["sgd"]["ref_batch"] == 32
+    from scalelab.perf.stats import read_steps_table   # the perf model reads the sweep's steps table
+
+    table = read_steps_table(out / "steps_sgd.csv")
+    assert [b for b, _ in table.table] == [32, 64]
     assert (out / "plots" / "steps_to_target.png").stat().st_size > 0
     # the report on a sweep directory writes the HTML page
     assert main(["report", str(out)]) == 0

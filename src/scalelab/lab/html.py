@@ -142,7 +142,7 @@ def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool,
 def report_sweep(sweep_dir: Path) -> str:
     """Write ``SWEEP_DIR/report.html`` (and refresh the plots); returns print-ready text."""
     from scalelab.lab.knee import predicted_knee
-    from scalelab.lab.sweep import format_table
+    from scalelab.lab.sweep import format_table, write_tables
     from scalelab.lab.sweep_plots import plot_sweep
 
     sweep_dir = Path(sweep_dir)
@@ -154,6 +154,7 @@ def report_sweep(sweep_dir: Path) -> str:
         if refs:
             predicted[f"knee predicted by noise scale (B_simple={noise['predicted_critical_batch']:.0f})"] = (
                 predicted_knee(noise["predicted_critical_batch"], min(refs), summary["spec"]["tol"]))
+    write_tables(summary, sweep_dir)
     paths = plot_sweep(summary, sweep_dir / "plots", predicted)
     noise_plot = None
     if noise and (sweep_dir / "noise" / "noise.png").exists():

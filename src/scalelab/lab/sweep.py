@@ -19,7 +19,8 @@ The search, per cell (optimizer, batch, warmup):
   reached the target by then cannot be the fastest, so stopping it does not change the minimum.
 * When the fastest LR lies on the edge of the points tried, the search goes one factor further out, up to
   ``--extend`` times per side (Shallue et al. check that the best point is not on the edge of the search
-  space); when every point diverged it goes lower.
+  space); when every point diverged it goes lower; when none reached the target, towards the edge point with
+  the highest accuracy.
 
 Every trial is a separate worker process (``train.threads=1``, no run directory), up to ``--jobs`` at a time
 (``--jobs 1`` runs them in the sweep's own process).
@@ -29,8 +30,8 @@ run again with the same arguments, skips the finished trials and goes on. Failed
 
 Output in OUT: ``sweep.json`` (spec, every trial, the best per cell, knees), ``sweep.csv`` (every trial, with a
 ``best`` column that marks the fastest trial of each (optimizer, batch)), ``best.csv`` (one row per optimizer and
-batch: ``batch,optimizer,steps_to_target,steps,lr,...``; ``scalelab project --steps-table`` can read it after
-filtering one optimizer), and ``plots/``: steps-to-target and examples-to-target against batch (log-log, per
+batch: ``batch,optimizer,steps_to_target,steps,lr,...``), ``steps_<optimizer>.csv`` (``batch,steps`` of the
+batches that reached the target, which ``scalelab project --steps-table`` reads), and ``plots/``: steps-to-target and examples-to-target against batch (log-log, per
 optimizer, with the perfect-scaling line and the knee marked) and the best LR against batch.
 """
 
@@ -281,8 +282,16 @@ def next_mults(spec: SweepSpec, done: list[dict[str, Any]], running: set[float])
     n_hi = sum(m > grid[-1] for m in tried)
     best = best_of(done)
     if best is None:
-        if all(r["status"] == "diverged" for r in done) and n_lo < spec.extend:
+        # nothing reached the target: go lower if everything diverged, else towards the edge point with the
+        # best accuracy (when an edge has it), as the optimum may lie outside the grid
+        if all(r["status"] == "diverged" for r in done):
+            return [lo / step_lo] if n_lo < spec.extend else []
+        top = max((r for r in done if r.get("best_test_acc") is not None), key=lambda r: r["best_test_acc"],
+                  default=None)
+        if top is not None and top["mult"] == lo and n_lo < spec.extend and len(tried) > 1:
             return [lo / step_lo]
+        if top is not None and top["mult"] == hi and n_hi < spec.extend and len(tried) > 1:
+            return [hi * step_hi]
         return []
     # go further out only when the edge point is strictly faster than every point inside it (a tie at the
     # evaluation resolution says nothing about which side the optimum is on)
@@ -460,8 +469,18 @@ BEST_COLUMNS = ["batch", "optimizer", "steps_to_target", "steps", "examples_to_t
 
 
 def write_outputs(spec: SweepSpec, summary: dict[str, Any], out: Path) -> list[Path]:
-    """``sweep.json``, ``sweep.csv``, ``best.csv`` and the plots."""
+    """``sweep.json``, the CSV tables and the plots."""
     _write_json_atomic(out / "sweep.json", summary)
+    write_tables(summary, out)
+    from scalelab.lab.sweep_plots import plot_sweep
+
+    return plot_sweep(summary, out / "plots")
+
+
+def write_tables(summary: dict[str, Any], out: Path) -> None:
+    """``sweep.csv`` (every trial), ``best.csv`` (best per optimizer and batch) and, per optimizer,
+    ``steps_<optimizer>.csv`` with the columns ``batch,steps`` of the batches that reached the target: the
+    format ``scalelab project --steps-table`` reads."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -475,9 +494,10 @@ def write_outputs(spec: SweepSpec, summary: dict[str, Any], out: Path) -> list[P
         w.writerow({k: ("" if (v := (r.get(k) if k != "steps" else r.get("steps_to_target"))) is None else v)
                     for k in BEST_COLUMNS})
     (out / "best.csv").write_text(buf.getvalue())
-    from scalelab.lab.sweep_plots import plot_sweep
-
-    return plot_sweep(summary, out / "plots")
+    for opt in summary["spec"]["optimizers"]:
+        rows = [r for r in summary["best"] if r["optimizer"] == opt and r["steps_to_target"] is not None]
+        (out / f"steps_{opt}.csv").write_text("batch,steps\n" + "".join(
+            f"{r['batch']},{r['steps_to_target']}\n" for r in rows))
 
 
 def format_table(summary: dict[str, Any]) -> str:
