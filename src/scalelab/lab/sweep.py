@@ -31,8 +31,9 @@ run again with the same arguments, skips the finished trials and goes on. Failed
 Output in OUT: ``sweep.json`` (spec, every trial, the best per cell, knees), ``sweep.csv`` (every trial, with a
 ``best`` column that marks the fastest trial of each (optimizer, batch)), ``best.csv`` (one row per optimizer and
 batch: ``batch,optimizer,steps_to_target,steps,lr,...``), ``steps_<optimizer>.csv`` (``batch,steps`` of the
-batches that reached the target, which ``scalelab project --steps-table`` reads), and ``plots/``: steps-to-target and examples-to-target against batch (log-log, per
-optimizer, with the perfect-scaling line and the knee marked) and the best LR against batch.
+batches that reached the target, which ``scalelab project --steps-table`` reads), and ``plots/``:
+steps-to-target and examples-to-target against batch (log-log, per optimizer, with the perfect-scaling line and
+the knee marked) and the best LR against batch.
 """
 
 from __future__ import annotations
