@@ -259,6 +259,10 @@ def plot_scaling(result: dict[str, Any], path: Path) -> Path:
         e = pred["error"]
         ax.errorbar([e["n"]], [e["pred"]], yerr=[[e["pred"] - e["lo"]], [e["hi"] - e["pred"]]], fmt="s",
                     color="tab:red", capsize=4, label=f"predicted at n={e['n']}")
+        if "error_floor" in pred:
+            f = pred["error_floor"]
+            ax.errorbar([f["n"] * 1.04], [f["pred"]], yerr=[[f["pred"] - f["lo"]], [f["hi"] - f["pred"]]],
+                        fmt="D", color="tab:purple", capsize=4, label=f"predicted with floor at n={f['n']}")
         if "measured" in pred:
             m = pred["measured"]
             ax.errorbar([e["n"]], [m["error"]], yerr=[m["sigma"]], fmt="*", color="k", markersize=12,
@@ -300,9 +304,13 @@ def format_result(r: dict[str, Any]) -> str:
         lines.append(line)
         if "measured" in p:
             m = p["measured"]
-            inside = e["lo"] - m["sigma"] <= m["error"] <= e["hi"] + m["sigma"]
-            lines.append(f"measured there: {m['error']:.4f} ± {m['sigma']:.4f} -> "
-                         f"{'consistent with' if inside else 'outside'} the power-law prediction")
+            verdicts = []
+            for key, label in (("error", "the power law"), ("error_floor", "the power law with floor")):
+                if key in p:
+                    q = p[key]
+                    inside = q["lo"] - m["sigma"] <= m["error"] <= q["hi"] + m["sigma"]
+                    verdicts.append(f"{'consistent with' if inside else 'outside'} {label}")
+            lines.append(f"measured there: {m['error']:.4f} ± {m['sigma']:.4f} -> {'; '.join(verdicts)}")
     return "\n".join(lines)
 
 
