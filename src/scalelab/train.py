@@ -377,20 +377,21 @@ class Trainer:
                 if backup is None:
                     if delay:
                         time.sleep(delay)
-                    # the mean loss over all workers (equal shares): the same on every rank, so every rank
-                    # takes the same decision about a non-finite loss; reduced while backward runs
-                    loss_sum, hits, pending = forward_backward(model, xb, yb, chunks, smoothing, rt, log_now)
-                    pending.wait()
-                    loss_v = loss_sum.item() / world
+                    loss, hits = forward_backward(model, xb, yb, chunks, smoothing, log_now)
+                    rt.end_backward()
+                    loss_v = loss.item()  # this worker's; the mean over workers is reduced at log steps
+                    # after DDP's all-reduce every worker holds the same gradients, so every worker takes the
+                    # same decision about a non-finite step (a NaN loss anywhere makes them NaN)
+                    finite = grads_finite(params) if world > 1 else math.isfinite(loss_v)
                 else:
                     loss, included = torch.zeros((), dtype=dtype), False
                     if backup.wait(delay, c.step):
-                        loss, hits, _ = forward_backward(model, xb, yb, chunks, smoothing, None, log_now)
+                        loss, hits = forward_backward(model, xb, yb, chunks, smoothing, log_now)
                         included = backup.arrive(c.step)
                     loss_v, dropped = backup.reduce(params, loss, included, c.step)
                     c.dropped_grads += len(dropped)
                     tracker.log("backup", c.step, dropped=dropped)
-                finite = math.isfinite(loss_v)
+                    finite = math.isfinite(loss_v)
                 if finite and cfg.recipe.grad_clip:
                     gn = torch.nn.utils.clip_grad_norm_(base.parameters(), cfg.recipe.grad_clip)
                     finite = bool(torch.isfinite(gn))
@@ -398,8 +399,10 @@ class Trainer:
                     tracker.log("nonfinite", c.step, loss=loss_v, lr=lr)
                     if t.on_nan == "stop":
                         kept = ckpt.list_checkpoints(ckdir) if ckdir else []
+                        what = (f"loss is {loss_v}" if not math.isfinite(loss_v)
+                                else f"gradients are not finite (loss {loss_v:.4g})")
                         raise DivergenceError(
-                            f"loss is {loss_v} at step {c.step} (epoch {epochs_done():.2f}, lr {lr:.4g}); "
+                            f"{what} at step {c.step} (epoch {epochs_done():.2f}, lr {lr:.4g}); "
                             f"stopped, last good checkpoint: {kept[-1][1].name if kept else 'none'}; "
                             f"lower recipe.base_lr, add warmup, or set train.on_nan=skip")
                     c.skipped_steps += 1
@@ -414,9 +417,12 @@ class Trainer:
                 c.comm_bytes, c.comm_s = comm0_bytes + rt.comm.bytes_sent, comm0_s + rt.comm.exposed_s
 
                 if log_now:
-                    mine = [hits, len(yb)] if hits is not None else [0, 0]
+                    # the mean loss over workers (equal shares) and the accuracy over all their samples
+                    mine = [hits, len(yb), loss_v] if hits is not None else [0, 0, 0.0]
                     counts = rt.all_reduce_sum(torch.tensor(mine, dtype=torch.float64))
                     acc = (counts[0] / counts[1]).item()
+                    if backup is None:
+                        loss_v = counts[2].item() / world
                     dt = c.train_s - log_t0
                     sps = (c.samples_seen - log_samples0) / dt if dt > 0 else 0.0
                     log_t0, log_samples0 = c.train_s, c.samples_seen
@@ -485,17 +491,21 @@ class Trainer:
         }
 
 
+def grads_finite(params: list[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+
 def forward_backward(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor, chunks: int,
-                     label_smoothing: float, rt: Runtime | None, count_hits: bool):
+                     label_smoothing: float, count_hits: bool) -> tuple[torch.Tensor, int | None]:
     """Gradient of this worker's mean loss over ``xb``, in ``chunks`` forward/backward passes (accumulation).
 
     Each micro-batch's loss is weighted by its share of the samples, so the accumulated gradient is the mean
-    over all of them; under DDP every pass but the last skips the all-reduce (``no_sync``). With ``rt`` the
-    summed loss is all-reduced asynchronously, launched just before the last backward so that it travels
-    ahead of the gradient buckets. Returns ``(loss tensor, correct predictions or None, handle to wait on)``.
+    over all of them; under DDP every pass but the last skips the all-reduce (``no_sync``).
+    Returns ``(the mean loss, detached; correct predictions or None)``.
     """
     xs, ys = xb.tensor_split(chunks), yb.tensor_split(chunks)
-    total, hits, pending = None, 0 if count_hits else None, None
+    total, hits = None, 0 if count_hits else None
     for i, (xc, yc) in enumerate(zip(xs, ys)):
         last = i == chunks - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
@@ -504,15 +514,11 @@ def forward_backward(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor,
             loss = F.cross_entropy(out, yc, label_smoothing=label_smoothing)
             if chunks > 1:
                 loss = loss * (len(yc) / len(yb))
-            total = loss.detach().clone() if total is None else total + loss.detach()
-            if last and rt is not None:
-                pending = rt.all_reduce_sum_async(total)
+            total = loss.detach() if total is None else total + loss.detach()
             loss.backward()
         if count_hits:
             hits += (out.argmax(1) == yc).sum().item()
-    if rt is not None:
-        rt.end_backward()
-    return total, hits, pending
+    return total, hits
 
 
 def _is_comm_failure(e: RuntimeError) -> bool:
