@@ -60,7 +60,7 @@ class ModelConfig:
 
 @dataclass
 class RecipeConfig:
-    optimizer: str = _f("sgd", choices=("sgd", "lars", "lamb", "rmsprop_warmup", "adamw"))
+    optimizer: str = _f("sgd", choices=("sgd", "lars", "lamb", "rmsprop_warmup", "adamw", "kfac", "neumann"))
     base_lr: float = _f(0.2, lo=0.0, lo_open=True, doc="learning rate at base_batch")
     base_batch: int = _f(256, lo=1, doc="reference batch of base_lr for the scaling rule")
     scaling: str = _f("linear", choices=("none", "linear", "sqrt"), doc="LR scaling rule")
@@ -85,6 +85,24 @@ class RecipeConfig:
     rms_center_epochs: float = _f(10.0, lo=0.0, doc="rmsprop_warmup: beta_c")
     rms_period_epochs: float = _f(5.0, lo=0.0, lo_open=True, doc="rmsprop_warmup: beta_p")
     grad_clip: float = _f(0.0, lo=0.0, doc="clip the global gradient norm; 0 = off")
+    # second-order: K-FAC (recipe.optimizer=kfac is K-FAC + momentum SGD) and the Neumann optimizer
+    precondition: str = _f("none", choices=("none", "kfac"), doc="K-FAC-precondition the gradients of any optimizer")
+    kfac_damping: float = _f(1e-3, lo=0.0, doc="K-FAC Tikhonov damping lambda")
+    kfac_damping_decay_epochs: list[float] = _f([], doc="K-FAC: epochs where the damping is multiplied by "
+                                                        "kfac_damping_decay")
+    kfac_damping_decay: float = _f(0.5, lo=0.0, lo_open=True, hi=1.0)
+    kfac_factor_decay: float = _f(0.95, lo=0.0, hi=0.9999, doc="K-FAC running average of the factors")
+    kfac_factor_every: int = _f(1, lo=1, doc="K-FAC: update the factors every N steps")
+    kfac_inverse_every: int = _f(10, lo=1, doc="K-FAC: recompute eigendecompositions/inverses every N steps")
+    kfac_kl_clip: float = _f(1e-3, lo=0.0, doc="K-FAC KL clipping kappa; 0 = off")
+    kfac_method: str = _f("eigen", choices=("eigen", "inverse"), doc="eigendecomposition or damped inverses")
+    neumann_alpha: float = _f(1e-7, lo=0.0, doc="Neumann cubic regulariser alpha")
+    neumann_beta: float = _f(1e-5, lo=0.0, doc="Neumann repulsive regulariser per parameter (x parameter count)")
+    neumann_gamma: float = _f(0.99, lo=0.0, hi=0.9999, doc="Neumann moving average of the weights")
+    neumann_mu_max: float = _f(0.9, lo=0.0, hi=0.9999, doc="Neumann peak momentum")
+    neumann_burnin_epochs: float = _f(5.0, lo=0.0, doc="Neumann: plain SGD for this many epochs first")
+    neumann_reset_epochs: float = _f(10.0, lo=0.0, lo_open=True, doc="Neumann: first period K between "
+                                                                       "momentum resets (doubles after each)")
 
 
 @dataclass
@@ -258,11 +276,16 @@ def _validate_cross(cfg: Config) -> None:
         raise ConfigError(f"recipe.betas: {r.betas!r}; allowed: two numbers in [0, 1)")
     if r.schedule == "step" and not r.milestones:
         raise ConfigError("recipe.milestones: the step schedule needs at least one epoch, e.g. [30, 60, 80]")
-    if r.nesterov and r.momentum == 0 and r.optimizer == "sgd":
+    if r.nesterov and r.momentum == 0 and r.optimizer in ("sgd", "kfac"):
         raise ConfigError("recipe.nesterov: Nesterov momentum needs recipe.momentum > 0; "
                           "set recipe.nesterov=false for plain SGD")
     if sorted(r.milestones) != r.milestones:
         raise ConfigError(f"recipe.milestones: {r.milestones!r} must be increasing")
+    if sorted(r.kfac_damping_decay_epochs) != r.kfac_damping_decay_epochs:
+        raise ConfigError(f"recipe.kfac_damping_decay_epochs: {r.kfac_damping_decay_epochs!r} must be increasing")
+    if (r.optimizer == "kfac" or r.precondition == "kfac") and p.backup_workers:
+        raise ConfigError("parallel.backup_workers: K-FAC all-reduces its factors on every worker every step; "
+                          "it does not combine with backup workers (set parallel.backup_workers=0)")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
