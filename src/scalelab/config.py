@@ -86,7 +86,7 @@ class RecipeConfig:
     rms_period_epochs: float = _f(5.0, lo=0.0, lo_open=True, doc="rmsprop_warmup: beta_p")
     grad_clip: float = _f(0.0, lo=0.0, doc="clip the global gradient norm; 0 = off")
     # second-order: K-FAC (recipe.optimizer=kfac is K-FAC + momentum SGD) and the Neumann optimizer
-    precondition: str = _f("none", choices=("none", "kfac"), doc="K-FAC-precondition the gradients of any optimizer")
+    precondition: str = _f("none", choices=("none", "kfac"), doc="K-FAC preconditioning for any optimizer")
     kfac_damping: float = _f(1e-3, lo=0.0, doc="K-FAC Tikhonov damping lambda")
     kfac_damping_decay_epochs: list[float] = _f([], doc="K-FAC: epochs where the damping is multiplied by "
                                                         "kfac_damping_decay")
@@ -97,7 +97,7 @@ class RecipeConfig:
     kfac_kl_clip: float = _f(1e-3, lo=0.0, doc="K-FAC KL clipping kappa; 0 = off")
     kfac_method: str = _f("eigen", choices=("eigen", "inverse"), doc="eigendecomposition or damped inverses")
     neumann_alpha: float = _f(1e-7, lo=0.0, doc="Neumann cubic regulariser alpha")
-    neumann_beta: float = _f(1e-5, lo=0.0, doc="Neumann repulsive regulariser per parameter (x parameter count)")
+    neumann_beta: float = _f(1e-5, lo=0.0, doc="Neumann repulsive regulariser, per parameter (x their count)")
     neumann_gamma: float = _f(0.99, lo=0.0, hi=0.9999, doc="Neumann moving average of the weights")
     neumann_mu_max: float = _f(0.9, lo=0.0, hi=0.9999, doc="Neumann peak momentum")
     neumann_burnin_epochs: float = _f(5.0, lo=0.0, doc="Neumann: plain SGD for this many epochs first")

@@ -41,7 +41,8 @@ OPTIMIZERS: dict[str, Callable[[list, RecipeConfig, float, int], torch.optim.Opt
         groups, lr=lr, alpha=c.neumann_alpha, beta=c.neumann_beta * sum(p.numel() for g in groups
                                                                          for p in g["params"]),
         gamma=c.neumann_gamma, mu_max=c.neumann_mu_max, mu_steps=spe,
-        burnin_steps=round(c.neumann_burnin_epochs * spe), reset_steps=max(1, round(c.neumann_reset_epochs * spe)),
+        burnin_steps=round(c.neumann_burnin_epochs * spe),
+        reset_steps=max(1, round(c.neumann_reset_epochs * spe)),
         weight_decay=c.weight_decay),
 }
 
@@ -72,8 +73,8 @@ def build_optimizer(cfg: RecipeConfig, model: nn.Module, steps_per_epoch: int,
     groups = param_groups(model, cfg.weight_decay, cfg.exclude_bn_bias)
     opt = OPTIMIZERS[cfg.optimizer](groups, cfg, lr, steps_per_epoch)
     if cfg.optimizer == "kfac" or cfg.precondition == "kfac":
-        damping = step_damping(cfg.kfac_damping, [round(e * steps_per_epoch) for e in cfg.kfac_damping_decay_epochs],
-                               cfg.kfac_damping_decay)
+        milestones = [round(e * steps_per_epoch) for e in cfg.kfac_damping_decay_epochs]
+        damping = step_damping(cfg.kfac_damping, milestones, cfg.kfac_damping_decay)
         opt = kfac_optimizer(opt, model, damping=damping, factor_decay=cfg.kfac_factor_decay,
                              factor_every=cfg.kfac_factor_every, inverse_every=cfg.kfac_inverse_every,
                              kl_clip=cfg.kfac_kl_clip, method=cfg.kfac_method, log=print)

@@ -138,7 +138,8 @@ class _Layer:
         """Rows ``ā`` (M * T, dim_a) of one forward call, and the batch M."""
         m = x.shape[0]
         if self.conv:
-            rows = conv_patches(self.module, x).transpose(1, 2).reshape(-1, self.dim_a - (self.bias is not None))
+            patches = conv_patches(self.module, x)                      # (M, C k, T)
+            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
         else:
             rows = x.reshape(-1, x.shape[-1])
         rows = rows.to(self.factor_dtype)
@@ -170,8 +171,8 @@ class KFAC:
     """The K-FAC preconditioner of a model's Linear and Conv layers (see the module docstring for the math).
 
     Call :meth:`step` after ``backward()`` and before the optimizer's step: it replaces the gradients of the
-    preconditioned layers by the natural-gradient direction. :func:`kfac_optimizer` attaches it to an optimizer
-    so that ``opt.step()`` does both (that is how ``recipe.precondition = "kfac"`` works).
+    preconditioned layers by the natural-gradient direction. :func:`kfac_optimizer` attaches it to an
+    optimizer so that ``opt.step()`` does both (that is how ``recipe.precondition = "kfac"`` works).
 
     Args:
         model: the module whose layers are preconditioned; with DDP, the inner (base) module.
@@ -208,7 +209,8 @@ class KFAC:
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         if not 0.0 <= factor_decay < 1.0 or factor_every < 1 or inverse_every < 1 or kl_clip < 0:
-            raise ValueError("need 0 <= factor_decay < 1, factor_every >= 1, inverse_every >= 1, kl_clip >= 0")
+            raise ValueError("need 0 <= factor_decay < 1, factor_every >= 1, inverse_every >= 1, "
+                             "kl_clip >= 0")
         self.damping = damping if callable(damping) else (lambda step, d=float(damping): d)
         self.factor_decay, self.factor_every, self.inverse_every = factor_decay, factor_every, inverse_every
         self.kl_clip, self.method = kl_clip, method
@@ -227,8 +229,8 @@ class KFAC:
                 module.register_forward_hook(self._forward_hook(layer))
                 self.layers.append(layer)
             else:
-                why = type(module).__name__ + (f", groups={module.groups}" if getattr(module, "groups", 1) != 1
-                                                else "")
+                groups = getattr(module, "groups", 1)
+                why = type(module).__name__ + (f", groups={groups}" if groups != 1 else "")
                 self.skipped.append(f"{name or '(root)'} ({why})")
         self._owners: list[int] | None = None
         if log is not None and _rank() == 0:
@@ -266,7 +268,7 @@ class KFAC:
         return hook
 
     def clear(self) -> None:
-        """Drop what the hooks captured since the last step (e.g. of a skipped step); ``zero_grad`` calls it."""
+        """Drop what the hooks captured since the last step (e.g. of a skipped step); zero_grad calls it."""
         for layer in self.layers:
             layer.reset_sums()
 
@@ -344,7 +346,8 @@ class KFAC:
         root = lam ** 0.5
         eye_a = torch.eye(layer.dim_a, dtype=A.dtype, device=A.device)
         eye_g = torch.eye(layer.dim_g, dtype=G.dtype, device=G.device)
-        return {"Ainv": torch.linalg.inv(A + pi * root * eye_a), "Ginv": torch.linalg.inv(G + root / pi * eye_g)}
+        return {"Ainv": torch.linalg.inv(A + pi * root * eye_a),
+                "Ginv": torch.linalg.inv(G + root / pi * eye_g)}
 
     def precondition_matrix(self, layer: _Layer, v: Tensor) -> Tensor:
         """``Ṽ`` for the gradient matrix ``V`` of one layer, with the current decomposition and damping."""
@@ -358,7 +361,8 @@ class KFAC:
     def _precondition(self, lr: float | dict[int, float]) -> None:
         work = []
         for layer in self.layers:
-            if not layer.inv or layer.weight.grad is None or (layer.bias is not None and layer.bias.grad is None):
+            no_grad = layer.weight.grad is None or (layer.bias is not None and layer.bias.grad is None)
+            if not layer.inv or no_grad:
                 continue
             v = layer.grad_matrix()
             eta = lr.get(id(layer.weight), 0.0) if isinstance(lr, dict) else lr
@@ -376,7 +380,7 @@ class KFAC:
 
     # ---- state -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Step count, running factors and decompositions of every layer (tensors, for ``weights_only`` loads)."""
+        """Step count, running factors and decompositions of every layer (tensors: ``weights_only`` loads)."""
         layers = {}
         for layer in self.layers:
             entry = dict(layer.inv)
@@ -445,8 +449,8 @@ def kfac_optimizer(opt: torch.optim.Optimizer, model: nn.Module, **kfac_args) ->
 
     ``opt`` becomes an instance of a subclass of its own class (``KFACSGD``, ``KFACLAMB``...) whose ``step``
     preconditions the gradients and then runs the original step, so param groups, LR schedulers and
-    ``state_dict`` keep working. Only layers whose weight ``opt`` optimizes are preconditioned; the KL clipping
-    uses each layer's group LR. K-FAC plus momentum SGD is ``recipe.optimizer = "kfac"``.
+    ``state_dict`` keep working. Only layers whose weight ``opt`` optimizes are preconditioned; the KL
+    clipping uses each layer's group LR. K-FAC plus momentum SGD is ``recipe.optimizer = "kfac"``.
 
     Example:
         >>> from torch import nn

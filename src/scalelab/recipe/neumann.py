@@ -113,7 +113,7 @@ class Neumann(torch.optim.Optimizer):
                           burnin_steps=burnin_steps, reset_steps=reset_steps)
 
     def _counters(self) -> dict:
-        """The step counters, under the key ``"neumann"`` of ``self.state`` (so ``state_dict`` carries them)."""
+        """The step counters, under the key ``"neumann"`` of ``self.state``, so ``state_dict`` has them."""
         st = self.state["neumann"]
         if "t" not in st:
             st.update(t=0, since_reset=0, period=self.hyper["reset_steps"], mu=0.0)
