@@ -1,4 +1,5 @@
-"""The recipe optimizers against their papers' update rules on tiny tensors, plus one contract table for all.
+"""The recipe optimizers against their papers' update rules on tiny tensors (the shared contract of every
+optimizer is in test_optimizer_contract.py).
 
 Expected values are worked out by hand from the papers' equations (written in the comments) in plain Python
 floats; they do not call the library's own building blocks.
@@ -6,7 +7,6 @@ floats; they do not call the library's own building blocks.
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -15,8 +15,7 @@ from torch import nn
 
 from scalelab.config import RecipeConfig
 from scalelab.errors import ConfigError
-from scalelab.recipe import (LAMB, LARS, OPTIMIZERS, SGD, AdamW, LRSchedule, RMSpropWarmup, build_optimizer,
-                             param_groups, sgd_weight)
+from scalelab.recipe import LAMB, LARS, SGD, AdamW, RMSpropWarmup, build_optimizer, param_groups, sgd_weight
 from scalelab.recipe.parts import trust_ratio
 
 F64 = torch.float64
