@@ -381,3 +381,17 @@ def test_distributed_kfac_conv_with_bn_equals_emulated_workers(tmp_path, cache_d
     plain = _single(tmp_path, cache_dir, overrides, emulate=1)
     assert max((real["model"][n] - p).abs().max().item() for n, p in plain["model"].items()
                if "running" not in n and not n.endswith("num_batches_tracked")) > 1e-4
+
+
+@pytest.mark.parametrize("optimizer", ["kfac", "neumann"])
+def test_trainer_resume_is_exact(tmp_path, optimizer):
+    """Killed after step 6 of 12 (its later checkpoints and summary removed), the run resumes to the same bits."""
+    overrides = [*BASE, "model.norm=none", "train.max_steps=12", "train.checkpoint_every=6", "train.eval_every=6",
+                 f"recipe.optimizer={optimizer}", "recipe.neumann_burnin_epochs=0.25",
+                 "recipe.neumann_reset_epochs=0.5"]
+    cfg = load_config(None, overrides)
+    straight = Trainer(cfg, tmp_path).run()
+    (tmp_path / "checkpoints" / "ckpt-000000012.pt").unlink()
+    (tmp_path / "summary.json").unlink()
+    resumed = Trainer(cfg, tmp_path, resume=True).run()
+    assert resumed["params_sha256"] == straight["params_sha256"] and resumed["steps"] == 12
