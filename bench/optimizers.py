@@ -47,11 +47,11 @@ from scalelab.train import train
 
 # base LR grids at the reference batch 256 (scaled to each batch by the optimizer's rule)
 GRIDS = {
-    "sgd": [0.025, 0.05, 0.1, 0.2],
-    "lars": [0.25, 0.5, 1.0, 2.0],
-    "lamb": [0.0025, 0.005, 0.01, 0.02],
-    "kfac": [0.025, 0.05, 0.1, 0.2],
-    "neumann": [0.025, 0.05, 0.1, 0.2],
+    "sgd": [0.025, 0.05, 0.1, 0.2, 0.4],
+    "lars": [0.25, 0.5, 1.0, 2.0, 4.0],
+    "lamb": [0.0025, 0.005, 0.01, 0.02, 0.04],
+    "kfac": [0.025, 0.05, 0.1, 0.2, 0.4],
+    "neumann": [0.025, 0.05, 0.1, 0.2, 0.4],
 }
 SCALING = {"lamb": "sqrt"}
 FIRST_ORDER = ("sgd", "lars", "lamb")
@@ -159,6 +159,10 @@ def main(argv=None) -> int:
     print("\ntuned base LR (at batch 256)")
     for batch in batches:
         print(f"{batch:>6d} " + " ".join(f"{by[(o, batch)]['base_lr']:16g}" for o in opts))
+    edge = [f"{o}@{b}" for o in opts for b in batches
+            if by[(o, b)]["steps_to_target"] is not None and by[(o, b)]["base_lr"] in (GRIDS[o][0], GRIDS[o][-1])]
+    if edge:
+        print(f"tuned LR at the edge of its grid (a wider grid might do better): {', '.join(edge)}")
     print("\nseconds per step (median over the grid)")
     for batch in batches:
         print(f"{batch:>6d} " + " ".join(f"{s_per_step(o, batch):16.4f}" for o in opts))
@@ -196,7 +200,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cores": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "loadavg_end": list(os.getloadavg()), "total_s": time.perf_counter() - t_start,
-        "verdict": verdict, "runs": runs,
+        "verdict": verdict, "tuned_lr_at_grid_edge": edge, "runs": runs,
     }
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
