@@ -34,7 +34,7 @@ from scalelab.data import DATASETS, Dataset, batch_indices, epoch_order, load_da
 from scalelab.errors import ConfigError, DataError, DivergenceError, ScalelabError, unknown_name
 from scalelab.parallel.launch import WorkerFailure
 from scalelab.models import MODELS, build_model
-from scalelab.recipe import build_optimizer, build_schedule
+from scalelab.recipe import build_optimizer, build_schedule, eval_weights
 from scalelab.recipe.batch import BatchPlan
 from scalelab.recipe.schedule import peak_lr
 from scalelab.parallel.runtime import Runtime, init_runtime
@@ -231,7 +231,8 @@ class Trainer:
                 new_share = base_B // used
                 msg += (f"keeping the global batch {base_B} and the recipe; per-worker batch {old_share} -> "
                         f"{new_share}")
-                if not cfg.train.micro_batch and new_share > (micro or old_share):
+                kfac = "kfac" in (cfg.recipe.optimizer, cfg.recipe.precondition)  # one pass per step
+                if not cfg.train.micro_batch and new_share > (micro or old_share) and not kfac:
                     micro = micro or old_share
                 if micro and new_share > micro and not cfg.train.micro_batch:
                     msg += (f" in {math.ceil(new_share / micro)} micro-batches of {micro} (gradient "
@@ -329,7 +330,8 @@ class Trainer:
         def do_eval() -> bool:
             t0 = time.perf_counter()
             rt.broadcast_state(base, buffers_only=True)  # every worker evaluates with rank 0's BN statistics
-            loss_sum, correct, n = evaluate_sums(base, x_test, y_test, t.eval_batch)
+            with eval_weights(opt):  # Neumann evaluates w - mu*m, not its displaced weights
+                loss_sum, correct, n = evaluate_sums(base, x_test, y_test, t.eval_batch)
             sums = rt.all_reduce_sum(torch.tensor([loss_sum, correct, n], dtype=torch.float64))
             loss, acc, n = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item(), int(sums[2])
             c.eval_s += time.perf_counter() - t0
