@@ -18,7 +18,7 @@ processes on this shared machine hits both alike; figures are medians over the r
 samples/s of both, the ratio scalelab/plain (goal >= 0.95; also the median of the ratios of the back-to-back
 pairs, which is less sensitive to slow drifts of the load), speedup ``S(N) / S(1)`` and scaling efficiency
 ``S(N) / (N * S(1))`` of each loop, and scalelab's compute/communication split from summary.json (``comm_s``:
-time waiting for communication not hidden behind backward, including the wait for the loss all-reduce;
+time waiting for communication not hidden behind backward;
 ``compute_s``: the rest of the training clock). The load average when each run starts is kept in the JSON.
 """
 

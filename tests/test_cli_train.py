@@ -148,3 +148,14 @@ def test_nan_loss_stops_naming_the_step_and_keeps_checkpoint(run_cli, tmp_path):
     run_cli("train", *DIVERGE, "--set", "train.on_nan=skip", "--set", "train.epochs=1", "--out", tmp_path / "skip",
             check=True)
     assert json.loads((tmp_path / "skip" / "summary.json").read_text())["skipped_steps"] > 0
+
+
+def test_divergence_on_two_workers_stops_both_with_one_decision(run_cli, tmp_path):
+    """Every worker sees the same all-reduced gradients, so all stop at the same step (exit 3, not a restart)."""
+    proc = run_cli("train", "--nproc", "2", *DIVERGE, "--out", tmp_path / "nan2")
+    assert proc.returncode == 3, proc.stderr
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("scalelab: error:")]
+    steps = {x.split("at step ")[1].split()[0] for x in errors[:-1]}
+    assert len(errors) == 3 and len(steps) == 1, errors  # both workers, same step, then the launcher
+    assert "are not finite" in errors[0] or "loss is nan" in errors[0] or "loss is inf" in errors[0]
+    assert errors[-1].startswith("scalelab: error: the training diverged (worker rank")

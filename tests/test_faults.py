@@ -3,6 +3,7 @@ resumes from the latest checkpoint; the result is the uninterrupted run's, bit f
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -61,51 +62,53 @@ def test_hung_worker_is_reported_by_rank_not_a_silent_deadlock(tmp_path, cache_d
     assert proc.stderr.strip().splitlines()[-1].startswith("scalelab: error: worker rank 0 exited with code 1")
 
 
-def test_resume_on_another_world_size_keeps_the_global_batch(reference, tmp_path, cache_dir):
+@pytest.fixture(scope="module")
+def lost_worker(tmp_path_factory, cache_dir):
+    """A 2-worker job whose rank 1 died at step 50 for good (no restarts): checkpoints up to step 40."""
+    out = tmp_path_factory.mktemp("lost") / "run"
+    dead = _train(out, cache_dir, "--set", "faults.kill_rank=1", "--set", "faults.kill_step=50")
+    assert dead.returncode == 1
+    return out
+
+
+def _resume_copy(lost_worker, out, cache_dir, *args):
+    """Continue a copy of the lost-worker run with ``scalelab train --resume ARGS``."""
+    shutil.copytree(lost_worker, out)
+    env = {**os.environ, "SCALELAB_CACHE": str(cache_dir)}
+    proc = subprocess.run([sys.executable, "-m", "scalelab", "train", "--resume", "--out", str(out), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc, json.loads((out / "summary.json").read_text())
+
+
+def test_resume_on_another_world_size_keeps_the_global_batch(reference, lost_worker, tmp_path, cache_dir):
     """Elastic membership: a 2-worker job loses a worker for good, and the run continues on 4 workers from the
     last checkpoint. Without BN the global batch is the same samples whatever the split, so the result equals
     the uninterrupted 2-worker run (float64, up to summation order)."""
-    dead = _train(tmp_path / "elastic", cache_dir, "--set", "faults.kill_rank=1", "--set", "faults.kill_step=50")
-    assert dead.returncode == 1
-    env = {**os.environ, "SCALELAB_CACHE": str(cache_dir)}
-    more = subprocess.run([sys.executable, "-m", "scalelab", "train", "--nproc", "4", "--resume", "--out",
-                           str(tmp_path / "elastic")], capture_output=True, text=True, env=env, timeout=300)
-    assert more.returncode == 0, more.stderr
+    more, b = _resume_copy(lost_worker, tmp_path / "elastic", cache_dir, "--nproc", "4")
     assert ("world size changed from 2 to 4 workers at restart: keeping the global batch 64 and the recipe; "
             "per-worker batch 32 -> 16") in more.stdout
-    b = json.loads((tmp_path / "elastic" / "summary.json").read_text())
     assert b["steps"] == reference["steps"] == 80 and b["world_size"] == 4 and b["restarts"] == 1
     assert abs(b["final_test_loss"] - reference["final_test_loss"]) < 1e-9
 
 
-def test_resume_on_fewer_workers_accumulates_to_keep_the_global_batch(reference, tmp_path, cache_dir):
+def test_resume_on_fewer_workers_accumulates_to_keep_the_global_batch(reference, lost_worker, tmp_path, cache_dir):
     """2 workers -> 1: the global batch 64 is kept, the single worker runs 2 micro-batches of 32 (its share before)
     per step, and the run equals the uninterrupted one (no BN, float64)."""
-    dead = _train(tmp_path / "shrink", cache_dir, "--set", "faults.kill_rank=1", "--set", "faults.kill_step=50")
-    assert dead.returncode == 1
-    env = {**os.environ, "SCALELAB_CACHE": str(cache_dir)}
-    one = subprocess.run([sys.executable, "-m", "scalelab", "train", "--resume", "--out", str(tmp_path / "shrink")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0, one.stderr
+    one, b = _resume_copy(lost_worker, tmp_path / "shrink", cache_dir)
     assert ("world size changed from 2 to 1 workers at restart: keeping the global batch 64 and the recipe; "
             "per-worker batch 32 -> 64 in 2 micro-batches of 32") in one.stdout
-    b = json.loads((tmp_path / "shrink" / "summary.json").read_text())
     assert b["steps"] == 80 and b["world_size"] == 1 and b["global_batch"] == 64
     assert abs(b["final_test_loss"] - reference["final_test_loss"]) < 1e-9
 
 
-def test_keep_worker_policy_scales_the_global_batch_and_the_lr(tmp_path, cache_dir):
-    dead = _train(tmp_path / "grow", cache_dir, "--set", "faults.kill_rank=1", "--set", "faults.kill_step=50",
-                  "--set", "parallel.resize=keep_worker")
-    assert dead.returncode == 1
-    env = {**os.environ, "SCALELAB_CACHE": str(cache_dir)}
-    more = subprocess.run([sys.executable, "-m", "scalelab", "train", "--nproc", "4", "--resume", "--out",
-                           str(tmp_path / "grow")], capture_output=True, text=True, env=env, timeout=300)
-    assert more.returncode == 0, more.stderr
+def test_keep_worker_policy_scales_the_global_batch_and_the_lr(lost_worker, tmp_path, cache_dir):
+    """The policy may be chosen when resuming: 2 -> 4 workers keeping each worker's 32 samples."""
+    more, b = _resume_copy(lost_worker, tmp_path / "grow", cache_dir, "--nproc", "4",
+                           "--set", "parallel.resize=keep_worker")
     # base_lr 0.2 at base_batch 256, linear rule: 0.05 at 64, 0.1 at 128
     assert ("world size changed from 2 to 4 workers at restart: keeping each worker's batch 32; global batch "
             "64 -> 128, peak lr 0.05 -> 0.1 by the linear scaling rule (parallel.resize=keep_worker)") in more.stdout
-    b = json.loads((tmp_path / "grow" / "summary.json").read_text())
     assert b["global_batch"] == 128 and b["steps"] == 80 and b["samples_seen"] == 40 * 64 + 40 * 128
     rows = [json.loads(x) for x in (tmp_path / "grow" / "metrics.jsonl").read_text().splitlines()]
     assert {r["batch"] for r in rows if r["kind"] == "train" and r["step"] > 40} == {128}

@@ -1,4 +1,5 @@
-"""The recipe optimizers against their papers' update rules on tiny tensors, plus one contract table for all.
+"""The recipe optimizers against their papers' update rules on tiny tensors (the shared contract of every
+optimizer is in test_optimizer_contract.py).
 
 Expected values are worked out by hand from the papers' equations (written in the comments) in plain Python
 floats; they do not call the library's own building blocks.
@@ -6,7 +7,6 @@ floats; they do not call the library's own building blocks.
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -15,8 +15,7 @@ from torch import nn
 
 from scalelab.config import RecipeConfig
 from scalelab.errors import ConfigError
-from scalelab.recipe import (LAMB, LARS, OPTIMIZERS, SGD, AdamW, LRSchedule, RMSpropWarmup, build_optimizer,
-                             param_groups, sgd_weight)
+from scalelab.recipe import LAMB, LARS, SGD, AdamW, RMSpropWarmup, build_optimizer, param_groups, sgd_weight
 from scalelab.recipe.parts import trust_ratio
 
 F64 = torch.float64
@@ -273,158 +272,8 @@ def test_rmsprop_warmup_by_hand():
     close(out[2], [w2 + 0.1 * d3])
 
 
-# ---- contract table: every optimizer -----------------------------------------------------------------------
-
-# name -> (constructor(params, lr), LR for the quadratic, LR for Rosenbrock); no weight decay: known optimum
-CONTRACT = {
-    "sgd": (lambda p, lr: SGD(p, lr=lr, momentum=0.9), 0.1, 0.002),
-    "lars": (lambda p, lr: LARS(p, lr=lr, weight_decay=0.0, trust_coef=0.01), 0.5, 0.5),
-    "lamb": (lambda p, lr: LAMB(p, lr=lr, weight_decay=0.0), 0.05, 0.05),
-    "adamw": (lambda p, lr: AdamW(p, lr=lr, weight_decay=0.0), 0.5, 0.5),
-    "rmsprop_warmup": (lambda p, lr: RMSpropWarmup(p, lr=lr, steps_per_epoch=10, center_epochs=2.0,
-                                                   period_epochs=2.0), 0.1, 0.002),
-}
-NAMES = list(CONTRACT)
-
-
-def test_contract_covers_every_registered_optimizer():
-    assert set(CONTRACT) == set(OPTIMIZERS)
-
-
-def minimise(name, grad_fn, w0, steps, lr):
-    make, *_ = CONTRACT[name]
-    w = param(*w0)
-    opt = make([w], lr)
-    sched = LRSchedule(peak=lr, total_steps=steps, decay="cosine")   # LARS and LAMB need a decaying LR
-    for t in range(steps):
-        opt.param_groups[0]["lr"] = sched(t)
-        w.grad = grad_fn(w.detach())
-        opt.step()
-    return w.detach()
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_converges_on_quadratic(name):
-    a, c = torch.tensor([1.0, 2.0, 4.0], dtype=F64), torch.tensor([0.5, -0.3, 0.2], dtype=F64)
-    w = minimise(name, lambda w: a * (w - c), [1.0, -1.5, 2.0], 200, CONTRACT[name][1])
-    torch.testing.assert_close(w, c, rtol=0, atol=1e-3)
-
-
-def rosenbrock_grad(w):
-    x, y = w[0].item(), w[1].item()   # f = (1 - x)^2 + 100 (y - x^2)^2
-    return torch.tensor([-2 * (1 - x) - 400 * x * (y - x * x), 200 * (y - x * x)], dtype=w.dtype)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_converges_on_rosenbrock(name):
-    w = minimise(name, rosenbrock_grad, [-1.0, 1.5], 2000, CONTRACT[name][2])
-    torch.testing.assert_close(w, torch.ones(2, dtype=F64), rtol=0, atol=2e-2)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name", NAMES)
-def test_keeps_dtype(name, dtype):
-    make, lr, _ = CONTRACT[name]
-    w = param(1.0, -2.0, 3.0, dtype=dtype)
-    opt = make([w], lr)
-    for _ in range(3):
-        w.grad = quadratic_grads(w)
-        opt.step()
-    assert w.dtype == dtype and torch.isfinite(w).all()
-    for value in opt.state[w].values():
-        if isinstance(value, torch.Tensor):
-            assert value.dtype == dtype
-
-
-def two_group_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
-
-
-def train(model, opt, lr, steps, start=0):
-    """Deterministic steps on a fixed batch with a changing LR (so the momentum correction is exercised)."""
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(8, 3, generator=gen, dtype=F64), torch.randn(8, 1, generator=gen, dtype=F64)
-    for t in range(start, start + steps):
-        for g in opt.param_groups:
-            g["lr"] = lr * (1.0 + 0.5 * math.sin(t))
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_state_dict_resume_is_bit_identical(name):
-    make, lr, _ = CONTRACT[name]
-    straight = two_group_model()
-    opt = make(param_groups(straight, 0.01), lr)
-    train(straight, opt, lr, 10)
-
-    first = two_group_model()
-    opt = make(param_groups(first, 0.01), lr)
-    train(first, opt, lr, 5)
-    buf = io.BytesIO()
-    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    resumed = two_group_model()
-    resumed.load_state_dict(ckpt["model"])
-    opt = make(param_groups(resumed, 0.01), lr)
-    opt.load_state_dict(ckpt["opt"])
-    train(resumed, opt, lr, 5, start=5)
-    for a, b in zip(straight.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_param_groups_are_independent(name):
-    """Two groups with their own LR in one optimizer == one optimizer per group."""
-    make, lr, _ = CONTRACT[name]
-    a1, b1 = param(1.0, -2.0, 3.0), param(0.5, 0.1, -1.0)
-    a2, b2 = param(1.0, -2.0, 3.0), param(0.5, 0.1, -1.0)
-    joint = make([{"params": [a1]}, {"params": [b1], "lr": lr / 3}], lr)
-    split = [make([a2], lr), make([b2], lr / 3)]
-    for _ in range(4):
-        for p in (a1, b1, a2, b2):
-            p.grad = quadratic_grads(p)
-        joint.step()
-        for opt in split:
-            opt.step()
-    assert torch.equal(a1, a2) and torch.equal(b1, b2)
-    assert not torch.equal(a1, b1)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_works_with_torch_lr_scheduler(name):
-    make, lr, _ = CONTRACT[name]
-    w1, w2 = param(1.0, -2.0, 3.0), param(1.0, -2.0, 3.0)
-    opt1, opt2 = make([w1], lr), make([w2], lr)
-    sched = torch.optim.lr_scheduler.StepLR(opt1, step_size=2, gamma=0.3)
-    for t in range(6):
-        opt2.param_groups[0]["lr"] = lr * 0.3 ** (t // 2)
-        for w, opt in ((w1, opt1), (w2, opt2)):
-            w.grad = quadratic_grads(w)
-            opt.step()
-        sched.step()
-    assert torch.equal(w1, w2)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_skips_params_without_grad_and_returns_closure_loss(name):
-    make, lr, _ = CONTRACT[name]
-    w, frozen = param(1.0, -2.0), param(3.0, 4.0)
-    opt = make([w, frozen], lr)
-
-    def closure():
-        opt.zero_grad()
-        loss = (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    loss = opt.step(closure)
-    assert loss.item() == 5.0
-    assert frozen.tolist() == [3.0, 4.0] and not opt.state[frozen]
-    assert w.tolist() != [1.0, -2.0]
+# ---- the contract every optimizer keeps (quadratic, Rosenbrock, dtypes, resume, groups, schedulers, workers)
+# is in tests/test_optimizer_contract.py.
 
 
 # ---- param groups and build_optimizer ----------------------------------------------------------------------
@@ -458,5 +307,5 @@ def test_build_optimizer(name, cls):
 def test_build_optimizer_unknown_name():
     cfg = RecipeConfig()
     cfg.optimizer = "adagrad"
-    with pytest.raises(ConfigError, match="unknown recipe.optimizer 'adagrad'; known: adamw, lamb"):
+    with pytest.raises(ConfigError, match="unknown recipe.optimizer 'adagrad'; known: adamw, kfac, lamb"):
         build_optimizer(cfg, nn.Linear(2, 2), steps_per_epoch=1)

@@ -26,7 +26,7 @@ _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 # watched or where files are found, never the numbers it computes.
 RESUME_MAY_DIFFER = (
     "train.progress", "train.threads", "train.device", "train.eval_batch", "train.keep_checkpoints",
-    "data.cache_dir", "data.root", "data.download",
+    "data.cache_dir", "data.root", "data.download", "parallel.resize", "parallel.timeout_s",
 )
 
 

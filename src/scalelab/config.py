@@ -60,7 +60,7 @@ class ModelConfig:
 
 @dataclass
 class RecipeConfig:
-    optimizer: str = _f("sgd", choices=("sgd", "lars", "lamb", "rmsprop_warmup", "adamw"))
+    optimizer: str = _f("sgd", choices=("sgd", "lars", "lamb", "rmsprop_warmup", "adamw", "kfac", "neumann"))
     base_lr: float = _f(0.2, lo=0.0, lo_open=True, doc="learning rate at base_batch")
     base_batch: int = _f(256, lo=1, doc="reference batch of base_lr for the scaling rule")
     scaling: str = _f("linear", choices=("none", "linear", "sqrt"), doc="LR scaling rule")
@@ -88,6 +88,24 @@ class RecipeConfig:
     batch_milestones: list[float] = _f([], doc="epochs where the global batch grows by batch_growth (Smith et al. "
                                                "2017: increase the batch instead of decaying the LR)")
     batch_growth: float = _f(5.0, lo=1.0, doc="factor of the global batch at each of batch_milestones")
+    # second-order: K-FAC (recipe.optimizer=kfac is K-FAC + momentum SGD) and the Neumann optimizer
+    precondition: str = _f("none", choices=("none", "kfac"), doc="K-FAC preconditioning for any optimizer")
+    kfac_damping: float = _f(1e-3, lo=0.0, doc="K-FAC Tikhonov damping lambda")
+    kfac_damping_decay_epochs: list[float] = _f([], doc="K-FAC: epochs where the damping is multiplied by "
+                                                        "kfac_damping_decay")
+    kfac_damping_decay: float = _f(0.5, lo=0.0, lo_open=True, hi=1.0)
+    kfac_factor_decay: float = _f(0.95, lo=0.0, hi=0.9999, doc="K-FAC running average of the factors")
+    kfac_factor_every: int = _f(1, lo=1, doc="K-FAC: update the factors every N steps")
+    kfac_inverse_every: int = _f(10, lo=1, doc="K-FAC: recompute eigendecompositions/inverses every N steps")
+    kfac_kl_clip: float = _f(1e-3, lo=0.0, doc="K-FAC KL clipping kappa; 0 = off")
+    kfac_method: str = _f("eigen", choices=("eigen", "inverse"), doc="eigendecomposition or damped inverses")
+    neumann_alpha: float = _f(1e-7, lo=0.0, doc="Neumann cubic regulariser alpha")
+    neumann_beta: float = _f(1e-5, lo=0.0, doc="Neumann repulsive regulariser, per parameter (x their count)")
+    neumann_gamma: float = _f(0.99, lo=0.0, hi=0.9999, doc="Neumann moving average of the weights")
+    neumann_mu_max: float = _f(0.9, lo=0.0, hi=0.9999, doc="Neumann peak momentum")
+    neumann_burnin_epochs: float = _f(5.0, lo=0.0, doc="Neumann: plain SGD for this many epochs first")
+    neumann_reset_epochs: float = _f(10.0, lo=0.0, lo_open=True, doc="Neumann: first period K between "
+                                                                       "momentum resets (doubles after each)")
 
 
 @dataclass
@@ -268,7 +286,7 @@ def _validate_cross(cfg: Config) -> None:
         raise ConfigError(f"recipe.betas: {r.betas!r}; allowed: two numbers in [0, 1)")
     if r.schedule == "step" and not r.milestones:
         raise ConfigError("recipe.milestones: the step schedule needs at least one epoch, e.g. [30, 60, 80]")
-    if r.nesterov and r.momentum == 0 and r.optimizer == "sgd":
+    if r.nesterov and r.momentum == 0 and r.optimizer in ("sgd", "kfac"):
         raise ConfigError("recipe.nesterov: Nesterov momentum needs recipe.momentum > 0; "
                           "set recipe.nesterov=false for plain SGD")
     if t.noise_every and t.batch_size % t.noise_shards:
@@ -280,6 +298,14 @@ def _validate_cross(cfg: Config) -> None:
     if p.emulate_workers > 1 and (t.micro_batch or r.batch_milestones):
         raise ConfigError("parallel.emulate_workers: emulation splits one forward pass into K workers; it does not "
                           "combine with train.micro_batch or recipe.batch_milestones")
+    if sorted(r.kfac_damping_decay_epochs) != r.kfac_damping_decay_epochs:
+        raise ConfigError(f"recipe.kfac_damping_decay_epochs: {r.kfac_damping_decay_epochs!r} must be increasing")
+    if (r.optimizer == "kfac" or r.precondition == "kfac") and t.micro_batch:
+        raise ConfigError("train.micro_batch: K-FAC's factors assume one forward/backward per step; it does not "
+                          "combine with gradient accumulation (set train.micro_batch=0)")
+    if (r.optimizer == "kfac" or r.precondition == "kfac") and p.backup_workers:
+        raise ConfigError("parallel.backup_workers: K-FAC all-reduces its factors on every worker every step; "
+                          "it does not combine with backup workers (set parallel.backup_workers=0)")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -35,7 +35,7 @@ from scalelab.errors import ConfigError, DataError, DivergenceError, ScalelabErr
 from scalelab.lab.noise import NoiseMonitor
 from scalelab.parallel.launch import WorkerFailure
 from scalelab.models import MODELS, build_model
-from scalelab.recipe import build_optimizer, build_schedule
+from scalelab.recipe import build_optimizer, build_schedule, eval_weights
 from scalelab.recipe.batch import BatchPlan
 from scalelab.recipe.schedule import peak_lr
 from scalelab.parallel.runtime import Runtime, init_runtime
@@ -232,7 +232,8 @@ class Trainer:
                 new_share = base_B // used
                 msg += (f"keeping the global batch {base_B} and the recipe; per-worker batch {old_share} -> "
                         f"{new_share}")
-                if not cfg.train.micro_batch and new_share > (micro or old_share):
+                kfac = "kfac" in (cfg.recipe.optimizer, cfg.recipe.precondition)  # one pass per step
+                if not cfg.train.micro_batch and new_share > (micro or old_share) and not kfac:
                     micro = micro or old_share
                 if micro and new_share > micro and not cfg.train.micro_batch:
                     msg += (f" in {math.ceil(new_share / micro)} micro-batches of {micro} (gradient "
@@ -333,7 +334,8 @@ class Trainer:
         def do_eval() -> bool:
             t0 = time.perf_counter()
             rt.broadcast_state(base, buffers_only=True)  # every worker evaluates with rank 0's BN statistics
-            loss_sum, correct, n = evaluate_sums(base, x_test, y_test, t.eval_batch)
+            with eval_weights(opt):  # Neumann evaluates w - mu*m, not its displaced weights
+                loss_sum, correct, n = evaluate_sums(base, x_test, y_test, t.eval_batch)
             sums = rt.all_reduce_sum(torch.tensor([loss_sum, correct, n], dtype=torch.float64))
             loss, acc, n = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item(), int(sums[2])
             c.eval_s += time.perf_counter() - t0
@@ -381,20 +383,21 @@ class Trainer:
                 if backup is None:
                     if delay:
                         time.sleep(delay)
-                    # the mean loss over all workers (equal shares): the same on every rank, so every rank
-                    # takes the same decision about a non-finite loss; reduced while backward runs
-                    loss_sum, hits, pending = forward_backward(model, xb, yb, chunks, smoothing, rt, log_now)
-                    pending.wait()
-                    loss_v = loss_sum.item() / world
+                    loss, hits = forward_backward(model, xb, yb, chunks, smoothing, log_now)
+                    rt.end_backward()
+                    loss_v = loss.item()  # this worker's; the mean over workers is reduced at log steps
+                    # after DDP's all-reduce every worker holds the same gradients, so every worker takes the
+                    # same decision about a non-finite step (a NaN loss anywhere makes them NaN)
+                    finite = grads_finite(params) if world > 1 else math.isfinite(loss_v)
                 else:
                     loss, included = torch.zeros((), dtype=dtype), False
                     if backup.wait(delay, c.step):
-                        loss, hits, _ = forward_backward(model, xb, yb, chunks, smoothing, None, log_now)
+                        loss, hits = forward_backward(model, xb, yb, chunks, smoothing, log_now)
                         included = backup.arrive(c.step)
                     loss_v, dropped = backup.reduce(params, loss, included, c.step)
                     c.dropped_grads += len(dropped)
                     tracker.log("backup", c.step, dropped=dropped)
-                finite = math.isfinite(loss_v)
+                    finite = math.isfinite(loss_v)
                 if finite and cfg.recipe.grad_clip:
                     gn = torch.nn.utils.clip_grad_norm_(base.parameters(), cfg.recipe.grad_clip)
                     finite = bool(torch.isfinite(gn))
@@ -402,8 +405,10 @@ class Trainer:
                     tracker.log("nonfinite", c.step, loss=loss_v, lr=lr)
                     if t.on_nan == "stop":
                         kept = ckpt.list_checkpoints(ckdir) if ckdir else []
+                        what = (f"loss is {loss_v}" if not math.isfinite(loss_v)
+                                else f"gradients are not finite (loss {loss_v:.4g})")
                         raise DivergenceError(
-                            f"loss is {loss_v} at step {c.step} (epoch {epochs_done():.2f}, lr {lr:.4g}); "
+                            f"{what} at step {c.step} (epoch {epochs_done():.2f}, lr {lr:.4g}); "
                             f"stopped, last good checkpoint: {kept[-1][1].name if kept else 'none'}; "
                             f"lower recipe.base_lr, add warmup, or set train.on_nan=skip")
                     c.skipped_steps += 1
@@ -420,9 +425,12 @@ class Trainer:
                     tracker.log("noise", c.step, **noise.measure(base, x_train, y_train, rt.all_reduce_sum))
 
                 if log_now:
-                    mine = [hits, len(yb)] if hits is not None else [0, 0]
+                    # the mean loss over workers (equal shares) and the accuracy over all their samples
+                    mine = [hits, len(yb), loss_v] if hits is not None else [0, 0, 0.0]
                     counts = rt.all_reduce_sum(torch.tensor(mine, dtype=torch.float64))
                     acc = (counts[0] / counts[1]).item()
+                    if backup is None:
+                        loss_v = counts[2].item() / world
                     dt = c.train_s - log_t0
                     sps = (c.samples_seen - log_samples0) / dt if dt > 0 else 0.0
                     log_t0, log_samples0 = c.train_s, c.samples_seen
@@ -491,17 +499,21 @@ class Trainer:
         }
 
 
+def grads_finite(params: list[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+
 def forward_backward(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor, chunks: int,
-                     label_smoothing: float, rt: Runtime | None, count_hits: bool):
+                     label_smoothing: float, count_hits: bool) -> tuple[torch.Tensor, int | None]:
     """Gradient of this worker's mean loss over ``xb``, in ``chunks`` forward/backward passes (accumulation).
 
     Each micro-batch's loss is weighted by its share of the samples, so the accumulated gradient is the mean
-    over all of them; under DDP every pass but the last skips the all-reduce (``no_sync``). With ``rt`` the
-    summed loss is all-reduced asynchronously, launched just before the last backward so that it travels
-    ahead of the gradient buckets. Returns ``(loss tensor, correct predictions or None, handle to wait on)``.
+    over all of them; under DDP every pass but the last skips the all-reduce (``no_sync``).
+    Returns ``(the mean loss, detached; correct predictions or None)``.
     """
     xs, ys = xb.tensor_split(chunks), yb.tensor_split(chunks)
-    total, hits, pending = None, 0 if count_hits else None, None
+    total, hits = None, 0 if count_hits else None
     for i, (xc, yc) in enumerate(zip(xs, ys)):
         last = i == chunks - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
@@ -510,15 +522,11 @@ def forward_backward(model: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor,
             loss = F.cross_entropy(out, yc, label_smoothing=label_smoothing)
             if chunks > 1:
                 loss = loss * (len(yc) / len(yb))
-            total = loss.detach().clone() if total is None else total + loss.detach()
-            if last and rt is not None:
-                pending = rt.all_reduce_sum_async(total)
+            total = loss.detach() if total is None else total + loss.detach()
             loss.backward()
         if count_hits:
             hits += (out.argmax(1) == yc).sum().item()
-    if rt is not None:
-        rt.end_backward()
-    return total, hits, pending
+    return total, hits
 
 
 def _is_comm_failure(e: RuntimeError) -> bool:

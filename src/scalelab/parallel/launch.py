@@ -24,7 +24,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from scalelab.errors import ConfigError, ScalelabError
+from scalelab.errors import ConfigError, DivergenceError, ScalelabError
 
 
 class WorkerFailure(ScalelabError):
@@ -85,6 +85,9 @@ def launch_workers(worker_args: list[str], nproc: int, max_restarts: int = 0, ou
         elastic_launch(config, sys.executable)("-m", "scalelab", *worker_args)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
+        if failure.exitcode == DivergenceError.exit_code:
+            raise DivergenceError(f"the training diverged (worker rank {rank}'s error above says where); "
+                                  f"{out or 'the run directory'} keeps the last good checkpoint") from None
         how = (f"was killed by signal {failure.signal_name()}" if failure.signal_name() != "<N/A>"
                else f"exited with code {failure.exitcode}")
         cont = f"; continue with: scalelab train --out {out} --resume --nproc {nproc}" if out else ""

@@ -55,11 +55,6 @@ def _allreduce_hook(state, bucket):  # no annotations: DDP checks them, and this
     return fut.then(lambda f: f.value()[0])
 
 
-class _Done:
-    def wait(self) -> None:
-        pass
-
-
 class Runtime:
     """This process's place in the job: ``rank``, ``world_size``, ``device``; collectives with accounting.
 
@@ -129,26 +124,6 @@ class Runtime:
             dist.all_reduce(t, group=self.group)
             self.comm.exposed_s += time.perf_counter() - t0
         return t
-
-    def all_reduce_sum_async(self, t: torch.Tensor):
-        """Start summing ``t`` over workers in place; returns a handle whose ``wait()`` finishes it.
-
-        Launched before the backward pass, a small all-reduce (the loss) queues ahead of DDP's gradient buckets
-        on the same group and completes while backward computes, instead of costing a round trip after it.
-        """
-        if not self.distributed:
-            return _Done()
-        self.comm.bytes_sent += ring_bytes_sent(t.numel() * t.element_size(), self.world_size)
-        work = dist.all_reduce(t, group=self.group, async_op=True)
-        comm = self.comm
-
-        class _Handle:
-            def wait(self_inner):
-                t0 = time.perf_counter()
-                work.wait()
-                comm.exposed_s += time.perf_counter() - t0
-
-        return _Handle()
 
     def end_backward(self) -> None:
         """Call right after ``loss.backward()``: time since the last bucket was launched was spent waiting."""

@@ -20,9 +20,11 @@ Example:
 """
 
 from scalelab.recipe.adamw import AdamW
-from scalelab.recipe.build import OPTIMIZERS, build_optimizer
+from scalelab.recipe.build import OPTIMIZERS, build_optimizer, eval_weights
+from scalelab.recipe.kfac import KFAC, kfac_optimizer
 from scalelab.recipe.lamb import LAMB
 from scalelab.recipe.lars import LARS
+from scalelab.recipe.neumann import Neumann
 from scalelab.recipe.param_groups import param_groups
 from scalelab.recipe.rmsprop_warmup import RMSpropWarmup, sgd_weight
 from scalelab.recipe.schedule import SCALING_RULES, LRSchedule, build_schedule, peak_lr
@@ -35,10 +37,14 @@ __all__ = [
     "SCALING_RULES",
     "SGD",
     "AdamW",
+    "KFAC",
+    "Neumann",
     "LRSchedule",
     "RMSpropWarmup",
     "build_optimizer",
     "build_schedule",
+    "eval_weights",
+    "kfac_optimizer",
     "param_groups",
     "peak_lr",
     "sgd_weight",
