@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from scalelab import checkpoint as ckpt
+from scalelab.compress import optimizer_recipe
 from scalelab.config import Config, save_config
 from scalelab.data import DATASETS, Dataset, batch_indices, epoch_order, load_dataset, steps_per_epoch
 from scalelab.errors import ConfigError, DataError, DivergenceError, ScalelabError, unknown_name
@@ -231,7 +232,7 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         base = build_model(cfg.model, data.input_shape, data.num_classes).to(device, dtype)
-        opt = build_optimizer(cfg.recipe, base, spe, global_batch=B)
+        opt = build_optimizer(optimizer_recipe(cfg, world), base, spe, global_batch=B)  # DGC: momentum in hook
         sched = build_schedule(cfg.recipe, B, spe, total)
         c = Counters()
         if resume_state is not None:
@@ -248,7 +249,7 @@ class Trainer:
                           f"global batch {B} and the recipe; per-worker batch {before} -> {B // used}")
         c.world_size = world
         backup = BackupSync(rt, used) if cfg.parallel.backup_workers else None
-        model = rt.wrap(base, cfg, ddp=backup is None)
+        model = rt.wrap(base, cfg, ddp=backup is None, steps_per_epoch=spe)
         params = [p for p in base.parameters()]
         comm0_bytes, comm0_s = c.comm_bytes, c.comm_s
         tracker = Tracker(self.out if rt.is_main else None,
@@ -304,7 +305,7 @@ class Trainer:
                 if rank == cfg.faults.hang_rank and c.step == cfg.faults.hang_step and c.restarts == 0:
                     inject_hang(rank, c.step)
                 step_t0 = time.perf_counter()
-                self._step = c.step
+                self._step = rt.step = c.step
                 epoch, k = divmod(c.step, spe)
                 if epoch != order_epoch:
                     order, order_epoch = epoch_order(len(x_train), t.seed, epoch).to(device), epoch
@@ -359,6 +360,8 @@ class Trainer:
                 c.train_s += time.perf_counter() - step_t0
                 c.comm_bytes, c.comm_s = comm0_bytes + rt.comm.bytes_sent, comm0_s + rt.comm.exposed_s
 
+                if rt.compress is not None and c.step % (cfg.compress.log_every or t.log_every) == 0:
+                    tracker.log("compress", c.step, **rt.compress.step_record())
                 if c.step % t.log_every == 0 or c.step == total:
                     mine = [(out.argmax(1) == yb).sum().item(), len(yb)] if out is not None else [0, 0]
                     hits = rt.all_reduce_sum(torch.tensor(mine, dtype=torch.float64))
@@ -425,6 +428,7 @@ class Trainer:
             "restarts": c.restarts,
             "backup_workers": self.cfg.parallel.backup_workers,
             "dropped_grads": c.dropped_grads,
+            **(self.rt.compress.summary() if self.rt.compress is not None else {}),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
             "params_sha256": params_sha256(model),
         }
