@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -29,6 +30,8 @@ _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """Booleans -> uint8, 8 per byte (big-endian in the byte), zero-padded to a multiple of 8."""
+    if bits.device.type == "cpu":  # numpy's packbits is one C loop; the torch expression below makes 3 passes
+        return torch.from_numpy(np.packbits(bits.numpy()))
     n = bits.numel()
     pad = (-n) % 8
     b = torch.cat([bits.to(torch.uint8), bits.new_zeros(pad, dtype=torch.uint8)]) if pad else bits.to(torch.uint8)
@@ -37,6 +40,8 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: the first ``n`` booleans."""
+    if packed.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool))
     return ((packed.unsqueeze(1) & _BITS.to(packed.device)) != 0).view(-1)[:n]
 
 

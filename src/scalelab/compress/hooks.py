@@ -69,6 +69,22 @@ class CompressStats:
         return self.dense_bytes / self.bytes if self.bytes else None
 
 
+class _Part:
+    """Positions of a part of a bucket: a plain slice when they are contiguous (no gather copy), else an index."""
+
+    def __init__(self, idx: torch.Tensor):
+        self.idx = idx
+        n = idx.numel()
+        self.slice = (slice(int(idx[0]), int(idx[0]) + n)
+                      if n and int(idx[-1]) - int(idx[0]) + 1 == n else None)
+
+    def numel(self) -> int:
+        return self.idx.numel()
+
+    def key(self):
+        return self.slice if self.slice is not None else self.idx
+
+
 class _Layout:
     """Where each parameter of a bucket is: compressed part ``c`` or dense part ``d``, with offsets."""
 
@@ -90,8 +106,8 @@ class _Layout:
                 self.where[id(p)] = ("d", od, n)
                 od += n
         empty = torch.empty(0, dtype=torch.long, device=buf.device)
-        self.comp = torch.cat(comp) if comp else empty
-        self.dense = torch.cat(dense) if dense else empty
+        self.comp = _Part(torch.cat(comp) if comp else empty)
+        self.dense = _Part(torch.cat(dense) if dense else empty)
         self.sizes = {"c": oc, "d": od}
         self.state: dict[tuple[str, str], torch.Tensor] = {}
 
@@ -223,8 +239,9 @@ class CompressionHook:
         if self.method == "dgc":
             self.dgc.clip_(buf)
         futs, parts = [], []
+        out = torch.empty_like(buf)
         if lay.dense.numel():
-            xd = buf[lay.dense]
+            xd = buf[lay.dense.key()]
             if self.method == "dgc":
                 xd = self.dgc.velocity(xd, self._state(lay, "u", "d", buf))
             xd.div_(self.n)
@@ -232,8 +249,10 @@ class CompressionHook:
             parts.append(lay.dense)
             self._count(ring_allreduce_bytes(xd.numel() * elem, self.n), 0)
         if lay.comp.numel():
-            xc = buf[lay.comp]
-            futs.append(self._compressed(lay, bucket, xc, elem))
+            xc = buf[lay.comp.key()]
+            # sparse results are written straight into their slice of the output (no extra copy)
+            into = out[lay.comp.slice] if lay.comp.slice is not None else None
+            futs.append(self._compressed(lay, bucket, xc, elem, into))
             parts.append(lay.comp)
         self.stats.encode_s += time.perf_counter() - t0
         self.stats.step_dense_bytes += dense_b
@@ -241,9 +260,10 @@ class CompressionHook:
             self.stats.dense_bytes += dense_b
 
         def assemble(_f):
-            out = torch.empty_like(buf)
-            for f, idx in zip(futs, parts):
-                out[idx] = f.value()
+            for f, part in zip(futs, parts):
+                v = f.value()
+                if part.slice is None or v.data_ptr() != out[part.slice].data_ptr():
+                    out[part.key()] = v
             return out
 
         return torch.futures.collect_all(futs).then(assemble)
@@ -260,22 +280,23 @@ class CompressionHook:
         if self.method == "dgc":  # keep the momentum (in the compressor) running through the dense warm-up
             full = torch.empty_like(buf)
             if lay.comp.numel():
-                full[lay.comp] = self.dgc.velocity(buf[lay.comp], self._state(lay, "u", "c", buf))
+                full[lay.comp.key()] = self.dgc.velocity(buf[lay.comp.key()], self._state(lay, "u", "c", buf))
             if lay.dense.numel():
-                full[lay.dense] = self.dgc.velocity(buf[lay.dense], self._state(lay, "u", "d", buf))
+                full[lay.dense.key()] = self.dgc.velocity(buf[lay.dense.key()], self._state(lay, "u", "d", buf))
             buf = full
         buf.div_(self.n)
         self._count(dense_b, dense_b)
         return self._allreduce(buf)
 
-    def _compressed(self, lay: _Layout, bucket, x: torch.Tensor, elem: int) -> torch.futures.Future:
+    def _compressed(self, lay: _Layout, bucket, x: torch.Tensor, elem: int,
+                    into: torch.Tensor | None = None) -> torch.futures.Future:
         n, numel, m = self.n, x.numel(), self.method
         if m == "dgc":
             u, v = self._state(lay, "u", "c", x), self._state(lay, "v", "c", x)
             density = self.density()
             idx, vals = self.dgc.step(x, u, v, density, generator=self.gen)
             cap = math.ceil(1.3 * max(1, math.ceil(density * numel)))
-            return self._sparse(idx, vals, numel, min(cap, numel))
+            return self._sparse(idx, vals, numel, min(cap, numel), into)
         if self.sparse is not None:
             e = self._state(lay, "e", "c", x)
             p = self.ef.add(x, e)
@@ -294,7 +315,7 @@ class CompressionHook:
                     return out
 
                 return self._allreduce(vals).then(scatter)
-            return self._sparse(idx, vals, numel, self.sparse.capacity(numel))
+            return self._sparse(idx, vals, numel, self.sparse.capacity(numel), into)
         # quantizers: all-gather the payloads
         e = self._state(lay, "e", "c", x) if self.ef.enabled else None
         p = self.ef.add(x, e) if e is not None else x
@@ -319,8 +340,10 @@ class CompressionHook:
 
         return fut.then(decode)
 
-    def _sparse(self, idx, vals, numel, cap) -> torch.futures.Future:
-        fut, dec = sparse_allreduce(idx, vals, numel, cap, group=self.rt.group, cost=self.cost)
+    def _sparse(self, idx, vals, numel, cap, into=None) -> torch.futures.Future:
+        n = self.n
+        vals = vals / n  # average: divide the k values before sending instead of the dense sum after
+        fut, dec = sparse_allreduce(idx, vals, numel, cap, group=self.rt.group, cost=self.cost, out=into)
         self._count(dec.bytes_sent, 0, idx.numel(), numel)
         s = self.stats
         if dec.mode == "sparse":
@@ -329,15 +352,12 @@ class CompressionHook:
             s.dense_calls += 1
         s.step_decisions.append({"mode": dec.mode, "cap": cap, "numel": numel, "sparse_s": dec.sparse_s,
                                  "dense_s": dec.dense_s, "union_density_bound": dec.union_density_bound})
-        n = self.n
 
-        def mean(f):
-            t1 = time.perf_counter()
-            r = f.value().div_(n)
-            self.stats.decode_s += time.perf_counter() - t1
-            return r
+        def account(f):
+            self.stats.decode_s += dec.decode_s
+            return f.value()
 
-        return fut.then(mean)
+        return fut.then(account)
 
     def _torch(self, bucket, buf, dense_b) -> torch.futures.Future:
         n, m = self.n, self.method

@@ -25,6 +25,7 @@ with every call, and the hooks log them.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,7 @@ class Decision:
     dense_s: float
     bytes_sent: int
     union_density_bound: float  # n * cap / D: an upper bound of the union's density
+    decode_s: float = 0.0  # time to scatter-add the gathered messages (set when the future completes)
 
 
 def choose(numel: int, cap: int, elem: int, n: int, cost: CostModel, force: str = "auto") -> Decision:
@@ -99,7 +101,7 @@ def unpack_add(msg: torch.Tensor, cap: int, into: torch.Tensor) -> None:
 
 
 def sparse_allreduce(idx: torch.Tensor, vals: torch.Tensor, numel: int, cap: int, group=None,
-                     cost: CostModel | None = None, force: str = "auto"):
+                     cost: CostModel | None = None, force: str = "auto", out: torch.Tensor | None = None):
     """Sum sparse vectors over all workers; returns ``(future of the dense sum, Decision)``.
 
     Args:
@@ -109,19 +111,26 @@ def sparse_allreduce(idx: torch.Tensor, vals: torch.Tensor, numel: int, cap: int
         group: process group (None: the default group; world size 1 without one).
         cost: the alpha-beta model for the choice (default 50 us, 1 Gbit/s).
         force: ``"auto"``, ``"sparse"`` or ``"dense"``.
+        out: a contiguous tensor of length ``numel`` to write the sum into (default: a new one).
 
-    The future's value is a new dense tensor of length ``numel`` (the sum, not the mean).
+    The future's value is the dense sum (not the mean) over workers, in ``out`` when given.
     """
+
+    def fresh():
+        if out is None:
+            return torch.zeros(numel, dtype=vals.dtype, device=vals.device)
+        return out.zero_()
+
     n = dist.get_world_size(group) if dist.is_initialized() else 1
     dec = choose(numel, cap, vals.element_size(), n, cost or CostModel(), force)
     if n == 1:
-        out = torch.zeros(numel, dtype=vals.dtype, device=vals.device)
-        out.index_add_(0, idx.long(), vals)
+        res = fresh()
+        res.index_add_(0, idx.long(), vals)
         fut = torch.futures.Future()
-        fut.set_result(out)
+        fut.set_result(res)
         return fut, dec
     if dec.mode == "dense":
-        dense = torch.zeros(numel, dtype=vals.dtype, device=vals.device)
+        dense = fresh()
         dense.index_add_(0, idx.long(), vals)
         fut = dist.all_reduce(dense, group=group, async_op=True).get_future()
         return fut.then(lambda f: dense), dec
@@ -130,9 +139,11 @@ def sparse_allreduce(idx: torch.Tensor, vals: torch.Tensor, numel: int, cap: int
     fut = dist.all_gather(outs, msg, group=group, async_op=True).get_future()
 
     def decode(_f):
-        dense = torch.zeros(numel, dtype=vals.dtype, device=vals.device)
+        t0 = time.perf_counter()
+        dense = fresh()
         for m in outs:
             unpack_add(m, cap, dense)
+        dec.decode_s = time.perf_counter() - t0
         return dense
 
     return fut.then(decode), dec
