@@ -281,3 +281,82 @@ def test_hooks_train_to_accuracy_with_two_workers(run_cli, tmp_path, method, ext
     if method == "dgc":
         assert all(d["mode"] in ("sparse", "dense") and "sparse_s" in d for r in comp[2:] for d in r["decisions"])
         assert comp[-1]["density"] == 0.01
+
+
+# ---- hook internals with a stand-in bucket (one process) --------------------------------------------------------
+class _Bucket:
+    """What DDP hands a comm hook: a flat buffer, its parameters, per-parameter views, an index."""
+
+    def __init__(self, params, index=0, fill=None):
+        self.params, self._index = params, index
+        self.buf = torch.cat([(fill(p) if fill else torch.randn(p.numel())).view(-1) for p in params])
+
+    def buffer(self):
+        return self.buf
+
+    def parameters(self):
+        return self.params
+
+    def gradients(self):
+        out, off = [], 0
+        for p in self.params:
+            out.append(self.buf[off:off + p.numel()].view(p.shape))
+            off += p.numel()
+        return out
+
+    def index(self):
+        return self._index
+
+    def is_last(self):
+        return True
+
+
+def _hook(method, step, extra=()):
+    from types import SimpleNamespace
+
+    from scalelab.compress import CompressionHook
+    from scalelab.parallel.runtime import CommStats
+    cfg = load_config(None, [f"compress.method={method}", "compress.min_numel=16", *extra])
+    rt = SimpleNamespace(world_size=1, rank=0, group=None, comm=CommStats(), step=step)
+    return CompressionHook(rt, cfg, steps_per_epoch=10), rt
+
+
+def test_dgc_state_follows_parameters_when_ddp_rebuilds_buckets():
+    w1, w2, b = (torch.nn.Parameter(torch.zeros(s)) for s in ((8, 4), (4, 8), (8,)))
+    h, rt = _hook("dgc", step=0, extra=["compress.density=0.1", "recipe.momentum=0.5", "recipe.nesterov=false"])
+    torch.manual_seed(0)
+    first = _Bucket([w1, b, w2])
+    g = first.buf.clone()
+    out = h(first).wait()
+    torch.testing.assert_close(out[32:40], g[32:40])  # the bias is exchanged densely: its velocity is g
+    comp = torch.cat([out[:32], out[40:]])
+    assert 0 < (comp != 0).sum() <= math.ceil(1.3 * math.ceil(0.1 * 64))  # the weights travel sparse
+    lay = h._layouts[0]
+    u_before = {id(p): lay.state[("u", "c")][lay.where[id(p)][1]:][:p.numel()].clone() for p in (w1, w2)}
+    rt.step = 1
+    rebuilt = _Bucket([w2, w1, b], fill=lambda p: torch.zeros(p.numel()))  # new order, zero gradients
+    h(rebuilt).wait()
+    lay2 = h._layouts[0]
+    assert lay2 is not lay
+    for p in (w1, w2):
+        _, off, n = lay2.where[id(p)]
+        # u <- m u + 0 = 0.5 u for the entries not sent at step 0: the momentum moved with its parameter
+        # (entries sent at step 1 are masked to zero: compare the others, most of them)
+        after = lay2.state[("u", "c")][off:off + n]
+        kept = after != 0
+        assert kept.sum() >= n - 2 * math.ceil(1.3 * 7)
+        torch.testing.assert_close(after[kept], 0.5 * u_before[id(p)][kept])
+
+
+def test_powersgd_bytes_mirror_the_torch_hook():
+    from types import SimpleNamespace
+
+    from scalelab.compress import powersgd_bytes
+    w, b = torch.nn.Parameter(torch.zeros(64, 32)), torch.nn.Parameter(torch.zeros(32))
+    bucket = _Bucket([w, b])
+    state = SimpleNamespace(iter=0, start_powerSGD_iter=2, matrix_approximation_rank=2, min_compression_rate=2)
+    assert powersgd_bytes(state, bucket, 2) == (2080 * 4)  # plain all-reduce before start_powerSGD_iter
+    state.iter = 5
+    # bias not compressed (32 x 1), P = 64 x 2, Q = 32 x 2; ring all-reduce at n = 2 sends each once
+    assert powersgd_bytes(state, bucket, 2) == 32 * 4 + 64 * 2 * 4 + 32 * 2 * 4
+    assert powersgd_bytes(state, bucket, 4) == (2 * 3 * (32 * 4)) // 4 + (2 * 3 * 512) // 4 + (2 * 3 * 256) // 4
