@@ -108,8 +108,16 @@ class RandomK:
         return self.k(n)
 
     def select(self, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        n, k = x.numel(), self.k(x.numel())
         g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(x.numel(), generator=g)[: self.k(x.numel())].to(x.device)
+        if 4 * k >= n:
+            idx = torch.randperm(n, generator=g)[:k]
+        else:  # O(k), not O(n): draw with replacement until k distinct, then a random k of them
+            idx = torch.empty(0, dtype=torch.long)
+            while idx.numel() < k:
+                idx = torch.unique(torch.cat([idx, torch.randint(0, n, (k + k // 8 + 8,), generator=g)]))
+            idx = idx[torch.randperm(idx.numel(), generator=g)[:k]]
+        idx = idx.to(x.device)
         return idx, x[idx]
 
 

@@ -117,7 +117,7 @@ class DGC:
             u.add_(g).mul_(self.m)
             v.add_(u).add_(g)
         else:
-            u.mul_(self.m).add_(g)
+            torch.add(g, u, alpha=self.m, out=u)  # u <- g + m u in one pass
             v.add_(u)
 
     def velocity(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
