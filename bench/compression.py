@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=str(REPO / "bench" / "results" / "compression.json"))
     ap.add_argument("--plot", default=str(REPO / "bench" / "results" / "compression.png"))
     ap.add_argument("--reanalyze", default="", help="recompute time-to-target (--target) from a JSON's curves")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other runs of --json and replace only the (rate, method) runs made now")
     a = ap.parse_args(argv)
     if a.reanalyze:
         old = json.loads(Path(a.reanalyze).read_text())
@@ -199,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"  tta {r['time_to_target_s'] or float('nan'):7.1f} s  final acc {r['final_test_acc']:.4f}"
                       f"  (load {r['loadavg'][0] if r['loadavg'] else float('nan'):.2f}, {r['wall_s']:.0f} s)",
                       flush=True)
+    if a.merge and Path(a.json).exists():
+        old = json.loads(Path(a.json).read_text())
+        made = {(r["rate"], r["method"]) for r in results}
+        results = [r for r in old["results"] if (r["rate"], r["method"]) not in made] + results
+        rates = old["rates"] + [r for r in rates if r not in old["rates"]]
+        order = {rate: i for i, rate in enumerate(rates)}
+        results.sort(key=lambda r: (order[r["rate"]], ALL.index(r["method"])))
     doc = analyze(results, rates, a.target)
     doc.update({"bench": "compression", "nodes": a.nodes, "config": BASE, "per_method": PER_METHOD,
                 "total_s": time.perf_counter() - t0, "loadavg_end": _loadavg(),

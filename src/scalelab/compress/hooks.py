@@ -140,6 +140,7 @@ class CompressionHook:
                       "qsgd": QSGD(self.c.qsgd_levels, generator=self.gen),
                       "terngrad": TernGrad(generator=self.gen)}.get(m)
         self.torch_hook, self.torch_state = None, None
+        self._chain = None  # the previous bucket's future in this step (powersgd: buckets run one after another)
         if m in ("fp16", "bf16", "powersgd"):
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
             if m == "powersgd":
@@ -364,13 +365,44 @@ class CompressionHook:
         if m == "powersgd":
             # torch's hook counts its own steps (start_powerSGD_iter = compress.warmup_steps), as ours do
             self._count(powersgd_bytes(self.torch_state, bucket, n), dense_b)
-            return self.torch_hook(self.torch_state, bucket)
+            return self._serialized(lambda: self.torch_hook(self.torch_state, bucket), bucket)
         if self.in_warmup():
             buf.div_(n)
             self._count(dense_b, dense_b)
             return self._allreduce(buf)
         self._count(ring_allreduce_bytes(buf.numel() * 2, n), dense_b)
         return self.torch_hook(self.rt.group, bucket)
+
+
+    def _serialized(self, run, bucket) -> torch.futures.Future:
+        """Start ``run()`` (a hook) only after the previous bucket's hook has finished.
+
+        torch's PowerSGD hook launches its second and third all-reduce from future callbacks (a gloo thread),
+        while DDP launches the next bucket's hook from the autograd thread: which collective comes first then
+        differs between ranks, and gloo pairs mismatched collectives ("Received data size doesn't match
+        expected size", seen with torch 2.13 on gloo). Chaining the buckets gives every rank the same order.
+        """
+        prev = self._chain
+        if prev is None or prev.done():
+            fut = run()
+        else:
+            fut = torch.futures.Future()
+
+            def start(_f):
+                def finish(g):
+                    try:
+                        fut.set_result(g.value())
+                    except Exception as e:  # noqa: BLE001 - handed to DDP through the future
+                        fut.set_exception(e)
+
+                try:
+                    run().add_done_callback(finish)
+                except Exception as e:  # noqa: BLE001
+                    fut.set_exception(e)
+
+            prev.add_done_callback(start)
+        self._chain = None if bucket.is_last() else fut
+        return fut
 
 
 def powersgd_bytes(state, bucket, n: int) -> int:
