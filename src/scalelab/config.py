@@ -165,6 +165,28 @@ class FaultsConfig:
 
 
 @dataclass
+class CompressConfig:
+    method: str = _f("none", choices=("none", "dgc", "topk", "randomk", "signsgd", "efsign", "qsgd", "terngrad",
+                                      "powersgd", "fp16", "bf16"),
+                     doc="gradient compression as a DDP comm hook (see scalelab.compress); none = plain all-reduce")
+    density: float = _f(0.001, lo=0.0, lo_open=True, hi=1.0, doc="dgc/topk/randomk: fraction of entries sent")
+    warmup_steps: int = _f(0, lo=0, doc="plain all-reduce for the first N steps (powersgd: at least 2)")
+    error_feedback: bool = _f(True, doc="topk/randomk: keep what was not sent and add it next step")
+    dgc_warmup_epochs: float = _f(0.0, lo=0.0, doc="dgc: sparsity warm-up 75%, 93.75%, 98.4%, 99.6% over "
+                                                   "these epochs, then 1 - density; 0 = off")
+    dgc_clip: float = _f(0.0, lo=0.0, doc="dgc: local gradient clipping, each worker clips its gradient norm "
+                                          "(per bucket) to dgc_clip / sqrt(N); 0 = off")
+    dgc_sample: float = _f(0.01, lo=0.0, lo_open=True, hi=1.0, doc="dgc: fraction sampled to find the threshold")
+    min_numel: int = _f(1024, lo=0, doc="tensors smaller than this (and 1-D ones) are all-reduced densely "
+                                        "(all methods but powersgd, fp16, bf16)")
+    qsgd_levels: int = _f(16, lo=1, hi=127, doc="qsgd: quantization levels s")
+    powersgd_rank: int = _f(2, lo=1, doc="powersgd: rank r of the approximation")
+    alpha_s: float = _f(5e-5, lo=0.0, doc="cost model: latency per message (s)")
+    link_gbit: float = _f(1.0, lo=0.0, lo_open=True, doc="cost model: link bandwidth (Gbit/s)")
+    log_every: int = _f(0, lo=0, doc="log compression stats (kind 'compress') every N steps; 0 = train.log_every")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -173,6 +195,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     stragglers: StragglersConfig = field(default_factory=StragglersConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -184,7 +207,8 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "recipe": RecipeConfig, "train": TrainConfig,
-            "parallel": ParallelConfig, "stragglers": StragglersConfig, "faults": FaultsConfig}
+            "parallel": ParallelConfig, "stragglers": StragglersConfig, "faults": FaultsConfig,
+            "compress": CompressConfig}
 
 
 def _type_name(tp) -> str:
@@ -291,6 +315,16 @@ def _validate_cross(cfg: Config) -> None:
                           "set recipe.nesterov=false for plain SGD")
     if t.noise_every and t.batch_size % t.noise_shards:
         raise ConfigError(f"train.noise_shards: {t.noise_shards} must divide train.batch_size={t.batch_size}")
+    cm = cfg.compress
+    if cm.method == "powersgd" and cm.warmup_steps < 2:
+        raise ConfigError("compress.warmup_steps: powersgd needs at least 2 plain all-reduce steps (torch's "
+                          "error feedback and warm start), e.g. compress.warmup_steps=10")
+    if cm.method == "dgc" and r.optimizer != "sgd":
+        raise ConfigError(f"compress.method: dgc does the momentum itself (momentum correction) and needs "
+                          f"recipe.optimizer=sgd, not {r.optimizer!r}")
+    if cm.method != "none" and p.backup_workers:
+        raise ConfigError("compress.method: compression hooks need DDP; backup workers (parallel.backup_workers) "
+                          "average gradients themselves; use one or the other")
     if sorted(r.milestones) != r.milestones:
         raise ConfigError(f"recipe.milestones: {r.milestones!r} must be increasing")
     if sorted(r.batch_milestones) != r.batch_milestones or any(m <= 0 for m in r.batch_milestones):

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from scalelab import checkpoint as ckpt
+from scalelab.compress import optimizer_recipe
 from scalelab.config import Config, save_config
 from scalelab.data import DATASETS, Dataset, batch_indices, epoch_order, load_dataset, steps_per_epoch
 from scalelab.errors import ConfigError, DataError, DivergenceError, ScalelabError, unknown_name
@@ -285,7 +286,7 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         base = build_model(cfg.model, data.input_shape, data.num_classes).to(device, dtype)
-        opt = build_optimizer(cfg.recipe, base, spe, global_batch=plan.base)
+        opt = build_optimizer(optimizer_recipe(cfg, world), base, spe, global_batch=plan.base)  # DGC: momentum in hook
         sched = build_schedule(cfg.recipe, plan.base, spe, total_ref)
         if resume_state is not None:
             base.load_state_dict(resume_state["model"])
@@ -297,7 +298,7 @@ class Trainer:
                 self._log(resized)
         c.world_size = world
         backup = BackupSync(rt, used) if cfg.parallel.backup_workers else None
-        model = rt.wrap(base, cfg, ddp=backup is None)
+        model = rt.wrap(base, cfg, ddp=backup is None, steps_per_epoch=spe)
         params = [p for p in base.parameters()]
         comm0_bytes, comm0_s = c.comm_bytes, c.comm_s
         tracker = Tracker(self.out if rt.is_main else None,
@@ -365,7 +366,7 @@ class Trainer:
                 if rank == cfg.faults.hang_rank and c.step == cfg.faults.hang_step and c.restarts == 0:
                     inject_hang(rank, c.step)
                 step_t0 = time.perf_counter()
-                self._step = c.step
+                self._step = rt.step = c.step
                 epoch, pos, Bs = plan.start(c.epoch, c.epoch_pos)
                 if epoch != order_epoch:
                     order, order_epoch = epoch_order(len(x_train), t.seed, epoch).to(device), epoch
@@ -424,6 +425,8 @@ class Trainer:
                 if noise is not None and c.step % t.noise_every == 0:
                     tracker.log("noise", c.step, **noise.measure(base, x_train, y_train, rt.all_reduce_sum))
 
+                if rt.compress is not None and c.step % (cfg.compress.log_every or t.log_every) == 0:
+                    tracker.log("compress", c.step, **rt.compress.step_record())
                 if log_now:
                     # the mean loss over workers (equal shares) and the accuracy over all their samples
                     mine = [hits, len(yb), loss_v] if hits is not None else [0, 0, 0.0]
@@ -494,6 +497,7 @@ class Trainer:
             "restarts": c.restarts,
             "backup_workers": self.cfg.parallel.backup_workers,
             "dropped_grads": c.dropped_grads,
+            **(self.rt.compress.summary() if self.rt.compress is not None else {}),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
             "params_sha256": params_sha256(model),
         }

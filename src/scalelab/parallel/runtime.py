@@ -72,6 +72,8 @@ class Runtime:
         self.store = None  # the job's key-value store (for diagnosing hangs); None when alone
         self.timeout_s = 0.0
         self.comm = CommStats()
+        self.step = 0  # the training step in progress (set by the trainer; compression hooks read it)
+        self.compress = None  # the compression hook state, when compress.method is set
 
     @property
     def distributed(self) -> bool:
@@ -82,10 +84,11 @@ class Runtime:
         return self.rank == 0
 
     # ---- model ---------------------------------------------------------------------------------------------
-    def wrap(self, model: nn.Module, cfg: Config, ddp: bool = True) -> nn.Module:
+    def wrap(self, model: nn.Module, cfg: Config, ddp: bool = True, steps_per_epoch: int = 1) -> nn.Module:
         """Wrap in DDP (with the accounting hook) and set up cross-replica BN groups; identity when alone.
 
-        ``ddp=False`` leaves gradient averaging to the caller (backup workers average a subset).
+        ``ddp=False`` leaves gradient averaging to the caller (backup workers average a subset). With
+        ``compress.method`` set, the hook is :func:`scalelab.compress.compress_hook` instead (it counts bytes too).
         """
         from scalelab.recipe.norm import set_cross_replica, set_emulated_workers
 
@@ -112,7 +115,12 @@ class Runtime:
             return model
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        ddp.register_comm_hook(self, _allreduce_hook)
+        if cfg.compress.method != "none":
+            from scalelab.compress import CompressionHook, compress_hook
+            self.compress = CompressionHook(self, cfg, steps_per_epoch)
+            ddp.register_comm_hook(self.compress, compress_hook)
+        else:
+            ddp.register_comm_hook(self, _allreduce_hook)
         return ddp
 
     # ---- collectives ---------------------------------------------------------------------------------------
