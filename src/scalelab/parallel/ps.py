@@ -83,7 +83,7 @@ class Layout:
 
     def __init__(self, model: torch.nn.Module, servers: int):
         self.params = list(model.parameters())
-        self.buffers = [b for b in model.buffers() if b.is_floating_point()]
+        self.buffers = list(model.buffers())  # BN statistics and counts; sent in the parameters' dtype
         owner = shard_owners([p.numel() for p in self.params], servers)
         self.owned = [[p for p, o in zip(self.params, owner) if o == s] for s in range(servers)]
 
@@ -96,8 +96,9 @@ class Layout:
     def pack(self, s: int, grads: bool) -> torch.Tensor:
         ts = [(p.grad if p.grad is not None else torch.zeros_like(p)) if grads else p.detach()
               for p in self.owned[s]]
-        ts += [b for b in self.buffers] if s == 0 else []
-        return torch.cat([t.reshape(-1) for t in ts]) if ts else torch.zeros(0)
+        dtype = self.params[0].dtype
+        ts += [b.to(dtype) for b in self.buffers] if s == 0 else []
+        return torch.cat([t.reshape(-1).to(dtype) for t in ts]) if ts else torch.zeros(0, dtype=dtype)
 
     def unpack_params(self, s: int, flat: torch.Tensor) -> None:
         off = 0
@@ -532,8 +533,17 @@ def worker_loop(trainer, rt: Runtime, gen: int) -> None:
     if leader:
         store.set(f"join/{client}", str(gen))
         for s in range(g.S):
-            store.wait([f"ack/{s}/{client}/{gen}"], datetime.timedelta(seconds=rt.timeout_s))
+            deadline = time.monotonic() + rt.timeout_s
+            while not store.check([f"ack/{s}/{client}/{gen}"]):
+                if store.check(["done"]):  # rejoining a job that has just finished: nothing left to do
+                    return
+                if time.monotonic() > deadline:
+                    raise ScalelabError(f"server {s} did not accept worker {w} within parallel.timeout_s="
+                                        f"{rt.timeout_s:g} s")
+                time.sleep(0.02)
             pairs[s] = _pair(store, s, client, gen, 1, rt.timeout_s)
+
+    pulled = [0] * g.S  # the version of each server's shard this worker computes on
 
     def exchange(kind: int, head_vals: list[float]) -> tuple[int, int]:
         """Leader: push (or hello/bye) to every server, then pull from every server. Returns (version, ticket)."""
@@ -543,6 +553,7 @@ def worker_loop(trainer, rt: Runtime, gen: int) -> None:
         if leader:
             for s, pg in pairs.items():
                 head = torch.tensor([kind, *head_vals], dtype=torch.float64)
+                head[2] = pulled[s]
                 pg.send([head], 0, TAG_UP_H).wait()
                 if kind == PUSH:
                     pg.send([layout.pack(s, grads=True).to(dtype)], 0, TAG_UP_P).wait()
@@ -554,6 +565,7 @@ def worker_loop(trainer, rt: Runtime, gen: int) -> None:
                 pg.recv([head], 0, TAG_DOWN_H).wait()
                 pg.recv([body], 0, TAG_DOWN_P).wait()
                 layout.unpack_params(s, body)
+                pulled[s] = int(head[0])
                 if s == 0:
                     version, ticket = int(head[0]), int(head[1])
         if group is not None:  # the leader's pull goes to the whole group
