@@ -23,7 +23,7 @@ applied when the server is at version ``u`` has staleness ``tau = u - v``. Every
 into a histogram, logged in ``metrics.jsonl`` (``train`` records: mean and max per interval; ``staleness``
 records: the histogram) and in ``summary.json``.
 
-Work and data: a server hands out *tickets*, one per update of the run (``train.epochs`` or ``train.max_steps``
+Work and data: once every worker has joined, a server hands out *tickets*, one per update of the run (``train.epochs`` or ``train.max_steps``
 global batches of ``B`` samples, ``B / clients`` samples per update, where a client is a worker, or a group in
 hybrid mode). Ticket ``j`` names a fixed batch of the same data stream the sync loop reads (global batch
 ``j // clients``, part ``j % clients``), so every sample is seen once per epoch whichever worker computes it,
@@ -387,6 +387,7 @@ class ParameterServer(RunBase):
         t_loop, train0, ev0, ck0 = time.perf_counter(), c.train_s, c.eval_s, c.ckpt_s
         last_poll, alone_since = 0.0, time.monotonic()
         stopped = "completed"
+        started = False
         self.last_lr = self.sched(self.version)
         if self.s == 0:
             self.log(f"run {cfg.run_name()}: parallel.mode={self.mode}, {g.S} server(s), {g.W} workers"
@@ -434,7 +435,14 @@ class ParameterServer(RunBase):
                 self.clock[cl] = max(self.clock.get(cl, 0), self._min_clock())
                 self.live.add(cl)
                 self.ever.add(cl)
-                self._grant(cl)
+                if started:
+                    self._grant(cl)
+                elif len(self.ever) == g.clients:
+                    # every worker is in: start together (as the sync loop does after its process group forms),
+                    # and start the training clock here, so that start-up is not counted as training
+                    started, t_loop = True, time.perf_counter()
+                    for u in sorted(self.live):
+                        self._grant(u)
             elif kind == BYE:
                 self.live.discard(cl)
                 self.pushed[cl] += int(head[6])
