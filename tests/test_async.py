@@ -7,7 +7,8 @@
   bound does, under the same straggler (so the check is not vacuous);
 - local SGD with H = 1 equals synchronous data parallelism at 1, 2 and 4 workers, and H = 4 does not;
 - hybrid with a single group equals synchronous data parallelism;
-- a dead worker does not stop an async job (it rejoins); a dead server stops it with one line, checkpoint intact.
+- a dead worker does not stop an async job (it rejoins); a dead server stops it with one line, and the job
+  resumes from the checkpoint it left.
 """
 
 import json
@@ -119,6 +120,10 @@ def test_ssp_never_exceeds_its_bound_and_async_does(tmp_path, cache_dir):
     ahead = [r["ssp_ahead_max"] for r in _records(ssp_out, "train")]
     assert ahead and max(ahead) <= 1 and s["ssp_max_ahead"] <= 1
     assert max(ahead) == 1  # the bound is reached, so it is what holds the fast workers back
+    from scalelab.lab.report import report_run
+
+    text = report_run(ssp_out)  # `scalelab report` shows the staleness histogram
+    assert "staleness of 30 applied gradients" in text and (ssp_out / "plots" / "staleness.png").exists()
 
     async_out, _ = _run(tmp_path, cache_dir, 5, BASE + SHORT + SLOW + ["parallel.mode=async", "parallel.servers=2"])
     a = _check_exactly_once(async_out, 3, 30)
@@ -214,3 +219,10 @@ def test_dead_server_stops_the_job_with_one_line(tmp_path, cache_dir):
     assert "ckpt-000000020.pt" in last and "--resume --nproc 3" in last
     state = load_latest(out / "checkpoints")
     assert state["counters"]["step"] == 20
+    env = {**os.environ, "SCALELAB_CACHE": str(cache_dir)}
+    more = subprocess.run([sys.executable, "-m", "scalelab", "train", "--nproc", "3", "--resume", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert more.returncode == 0, more.stderr
+    assert "resumed from step 20" in more.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == 40 and s["restarts"] == 1 and sum(s["applied_by_worker"]) == 20  # this session's
