@@ -117,7 +117,7 @@ def _launch(cfg, out: Path, args) -> int:
 
     from scalelab.config import save_config
     from scalelab.data import load_dataset
-    from scalelab.parallel.launch import launch_workers, parse_nnodes
+    from scalelab.parallel.launch import WorkerFailure, launch_workers, parse_nnodes
     from scalelab.train import check_names, print_summary, refuse_existing_run, workers_used
 
     nnodes = parse_nnodes(args.nnodes)
@@ -141,6 +141,16 @@ def _launch(cfg, out: Path, args) -> int:
     try:
         launch_workers(worker_args, args.nproc, args.max_restarts, out, nnodes=nnodes,
                        rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id)
+    except WorkerFailure as e:
+        if getattr(e, "rank", None) is None or e.rank >= _servers(cfg):
+            raise
+        from scalelab.checkpoint import list_checkpoints
+
+        kept = list_checkpoints(out / "checkpoints")
+        raise WorkerFailure(f"parameter server rank {e.rank} {e.how}: parallel.mode={cfg.parallel.mode} cannot go "
+                            f"on without its parameters; last checkpoint: "
+                            f"{kept[-1][1] if kept else 'none'}; continue with: scalelab train --out {out} "
+                            f"--resume --nproc {args.nproc}") from None
     except KeyboardInterrupt:
         print(f"\nscalelab: interrupted; continue with: scalelab train --out {out} --resume --nproc {args.nproc}",
               file=sys.stderr)
@@ -149,6 +159,13 @@ def _launch(cfg, out: Path, args) -> int:
         print_summary(json.loads((out / "summary.json").read_text()))
     print(f"run directory: {out}")
     return 0
+
+
+def _servers(cfg) -> int:
+    """Ranks that are parameter servers (0 outside the parameter-server modes)."""
+    from scalelab.parallel.modes import PS_MODES
+
+    return cfg.parallel.servers if cfg.parallel.mode in PS_MODES else 0
 
 
 def _cmd_report(args) -> int:

@@ -144,6 +144,19 @@ class ParallelConfig:
     resize: str = _f("keep_global", choices=("keep_global", "keep_worker"),
                      doc="when a restart changes the number of workers: keep the global batch (shares and "
                          "gradient accumulation change) or keep each worker's share (the LR rule re-applies)")
+    mode: str = _f("sync", choices=("sync", "async", "ssp", "hybrid", "localsgd"),
+                   doc="sync: all-reduce every step; async/ssp/hybrid: parameter server; localsgd: periodic "
+                       "model averaging (see docs/async.md)")
+    servers: int = _f(1, lo=1, doc="async/ssp/hybrid: parameter-server ranks (the first ones), parameters "
+                                   "sharded over them")
+    staleness_bound: int = _f(2, lo=0, doc="ssp: no worker runs more than s clocks ahead of the slowest")
+    staleness_lr: bool = _f(False, doc="async/ssp/hybrid: divide the LR of each gradient by its staleness "
+                                       "(Zhang et al. 2016)")
+    group_size: int = _f(2, lo=1, doc="hybrid: workers per synchronous group (all-reduce inside, async across)")
+    local_period: int = _f(4, lo=1, doc="localsgd: average the models every H local steps")
+    local_start_step: int = _f(0, lo=0, doc="localsgd: synchronous SGD before this step, local SGD after "
+                                            "(post-local SGD); 0 = local from the start")
+    rejoin: int = _f(3, lo=0, doc="async/ssp: times a dead worker is restarted to rejoin the job")
 
 
 @dataclass
@@ -306,6 +319,19 @@ def _validate_cross(cfg: Config) -> None:
     if p.bn_group != 1 and cfg.model.norm == "ghost":
         raise ConfigError("parallel.bn_group: cross-replica BN and ghost BN (model.norm=ghost) do not combine; "
                           "choose one")
+    if p.mode != "sync" and p.backup_workers:
+        raise ConfigError(f"parallel.backup_workers: backup workers are a form of sync training; with "
+                          f"parallel.mode={p.mode} leave it at 0")
+    if p.mode != "sync":
+        unsupported = [k for k, on in (("train.micro_batch", t.micro_batch), ("recipe.batch_milestones",
+                       r.batch_milestones), ("compress.method", cfg.compress.method != "none"),
+                       ("recipe.precondition", r.precondition != "none" or r.optimizer == "kfac")) if on]
+        if unsupported:
+            raise ConfigError(f"{unsupported[0]}: built for parallel.mode=sync; parallel.mode={p.mode} does not "
+                              f"support it (leave it at its default)")
+    if p.mode != "sync" and p.emulate_workers > 1:
+        raise ConfigError(f"parallel.emulate_workers: parallel.mode={p.mode} needs real workers (--nproc N); "
+                          f"leave emulate_workers at 1")
     if len(r.betas) != 2 or not all(0.0 <= b < 1.0 for b in r.betas):
         raise ConfigError(f"recipe.betas: {r.betas!r}; allowed: two numbers in [0, 1)")
     if r.schedule == "step" and not r.milestones:

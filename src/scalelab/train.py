@@ -105,6 +105,10 @@ def refuse_existing_run(out: Path) -> None:
 
 def workers_used(cfg: Config, world: int, check_batch: bool = True) -> int:
     """Workers whose gradients make a step (all but the backup workers); each takes B / that many samples."""
+    if cfg.parallel.mode != "sync":
+        from scalelab.parallel.modes import check_layout
+
+        return check_layout(cfg, world)
     used = world - cfg.parallel.backup_workers
     if used < 1:
         raise ConfigError(f"parallel.backup_workers: {cfg.parallel.backup_workers} leaves no worker of "
@@ -200,6 +204,10 @@ class Trainer:
     # ---- the run ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         check_names(self.cfg)
+        if self.cfg.parallel.mode != "sync":  # async, ssp, hybrid, localsgd: scalelab.parallel.modes
+            from scalelab.parallel.modes import run_mode
+
+            return run_mode(self)
         self.rt = init_runtime(self.cfg)
         try:
             summary = self._run()

@@ -74,7 +74,31 @@ def plot_run(run_dir: Path, records: list[dict[str, Any]]) -> list[Path]:
     lr = out / "lr.png"
     fig.savefig(lr, dpi=100)
     plt.close(fig)
-    return [curves, lr]
+    paths = [curves, lr]
+    hist = [r["hist"] for r in records if r.get("kind") == "staleness" and r.get("hist")]
+    if hist:  # parameter-server modes: staleness of every applied gradient (scalelab.parallel.ps)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.bar(range(len(hist[-1])), hist[-1])
+        ax.set_xlabel("staleness (server updates between pull and apply)")
+        ax.set_ylabel("gradients applied")
+        ax.set_title(f"{run_dir.name}: staleness")
+        fig.tight_layout()
+        paths.append(out / "staleness.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+def staleness_text(records: list[dict[str, Any]]) -> str:
+    """One line on the staleness histogram of a parameter-server run ('' for other runs)."""
+    hist = [r["hist"] for r in records if r.get("kind") == "staleness" and r.get("hist")]
+    if not hist:
+        return ""
+    h = hist[-1]
+    n = sum(h)
+    mean = sum(i * c for i, c in enumerate(h)) / n if n else 0.0
+    return (f"staleness of {n} applied gradients: mean {mean:.2f}, max {len(h) - 1}; histogram (tau: count) "
+            + ", ".join(f"{i}: {c}" for i, c in enumerate(h) if c))
 
 
 def report_run(run_dir: Path) -> str:
@@ -95,4 +119,5 @@ def report_run(run_dir: Path) -> str:
         head = (f"run not finished; last evaluation at step {last[-1]['step']}: test_acc {last[-1]['test_acc']}"
                 if last else "run not finished; no evaluation yet")
     paths = plot_run(run_dir, records)
-    return head + "\n" + "\n".join(f"wrote {p}" for p in paths)
+    stale = staleness_text(records)
+    return head + "\n" + (stale + "\n" if stale else "") + "\n".join(f"wrote {p}" for p in paths)

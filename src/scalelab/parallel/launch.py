@@ -91,5 +91,7 @@ def launch_workers(worker_args: list[str], nproc: int, max_restarts: int = 0, ou
         how = (f"was killed by signal {failure.signal_name()}" if failure.signal_name() != "<N/A>"
                else f"exited with code {failure.exitcode}")
         cont = f"; continue with: scalelab train --out {out} --resume --nproc {nproc}" if out else ""
-        raise WorkerFailure(f"worker rank {rank} {how} after {max_restarts} restart(s) allowed "
-                            f"(--max-restarts){cont}") from None
+        err = WorkerFailure(f"worker rank {rank} {how} after {max_restarts} restart(s) allowed "
+                            f"(--max-restarts){cont}")
+        err.rank, err.how = rank, how  # for callers that name the rank's role (a parameter server)
+        raise err from None
