@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchlib import loadavg, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 MULTINODE = REPO / "scripts" / "multinode_train.sh"
@@ -57,18 +58,11 @@ PER_METHOD = {
 }
 
 
-def _loadavg() -> list[float]:
-    try:
-        return list(os.getloadavg())
-    except OSError:
-        return []
-
-
 def run_one(method: str, rate: str, nodes: int, target: float, port: int, extra: list[str]) -> dict:
     gbit = {"100mbit": 0.1, "1gbit": 1.0, "10gbit": 10.0}.get(rate, 10.0)
     sets = BASE + [f"compress.method={method}", f"compress.link_gbit={gbit}"] + PER_METHOD.get(method, []) + extra
     args = [a for s in sets for a in ("--set", s)]
-    load = _loadavg()
+    load = loadavg()
     with tempfile.TemporaryDirectory(prefix="c4bench-") as d:
         out = Path(d) / "run"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "SL_NETNS_PREFIX": "c4b-", "SL_NETNS_SUBNET": "10.94.0",
@@ -213,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         results.sort(key=lambda r: (order[r["rate"]], ALL.index(r["method"])))
     doc = analyze(results, rates, a.target)
     doc.update({"bench": "compression", "nodes": a.nodes, "config": BASE, "per_method": PER_METHOD,
-                "total_s": time.perf_counter() - t0, "loadavg_end": _loadavg(),
+                "total_s": time.perf_counter() - t0, "loadavg_end": loadavg(),
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                             "platform": platform.platform()}})
     return report(doc, a)
@@ -247,8 +241,7 @@ def analyze(results: list[dict], rates: list[str], target: float) -> dict:
 
 def report(doc: dict, a) -> int:
     g, pays, rates, results = doc["goals_1gbit"], doc["compression_pays_at"], doc["rates"], doc["results"]
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
+    write_json(doc, a.json, indent=1)
     try:
         plot(results, rates, Path(a.plot), a.target)
     except Exception as e:  # noqa: BLE001 - the figures are in the JSON anyway

@@ -30,13 +30,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -44,6 +42,7 @@ from scalelab.config import load_config
 from scalelab.data import load_dataset
 from scalelab.errors import DivergenceError
 from scalelab.train import train
+from benchlib import loadavg, write_json
 
 # base LR grids at the reference batch 256 (scaled to each batch by the optimizer's rule)
 GRIDS = {
@@ -59,10 +58,7 @@ MODEL = ["model.name=mlp", "model.width=128", "model.depth=2", "train.threads=1"
 
 
 def _loadavg() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
+    return (loadavg() or [float("nan")])[0]
 
 
 def run_one(data, opt: str, base_lr: float, batch: int, steps: int, target: float, overrides: list[str]) -> dict:
@@ -202,10 +198,8 @@ def main(argv=None) -> int:
         "loadavg_end": list(os.getloadavg()), "total_s": time.perf_counter() - t_start,
         "verdict": verdict, "tuned_lr_at_grid_edge": edge, "runs": runs,
     }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out} ({result['total_s'] / 60:.1f} min)")
+    write_json(result, args.json)
+    print(f"({result['total_s'] / 60:.1f} min)")
     return 0
 
 

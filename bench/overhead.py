@@ -17,7 +17,6 @@ Two ratios are reported:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -34,6 +33,7 @@ from scalelab.data import batch_indices, epoch_order, load_dataset, steps_per_ep
 from scalelab.models import build_model
 from scalelab.recipe import build_schedule
 from scalelab.train import evaluate, train
+from benchlib import write_json
 
 
 def plain_loop(cfg, data) -> dict:
@@ -121,10 +121,7 @@ def main(argv=None) -> int:
     print(f"{'plain':10s} {result['plain_samples_per_s']:18.0f} {result['plain_wall_s']:8.2f}")
     print(f"train throughput ratio scalelab/plain = {result['train_ratio']:.3f} (goal >= 0.95); "
           f"wall-speed ratio = {result['wall_ratio']:.3f}")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(result, args.json)
     return 0
 
 

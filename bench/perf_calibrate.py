@@ -5,17 +5,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from scalelab.perf.calibrate import calibrate, format_calibration
+from benchlib import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
 if __name__ == "__main__":
     result = calibrate()
     print(format_calibration(result))
-    out = ROOT / "bench" / "results" / "perf_calibrate.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_json(result, ROOT / "bench" / "results" / "perf_calibrate.json")

@@ -9,7 +9,6 @@ per row.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from scalelab.perf.records import predict_records, read_records, summary
+from benchlib import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,12 +32,9 @@ def main() -> None:
               + (f"  [assumed: {'; '.join(r['assumptions'])}]" if r["assumptions"] else ""))
     s = summary(results)
     print(f"median error {s['median_error']:.3f}x, worst {s['max_error']:.3f}x, goal met: {s['goal_met']}")
-    out = ROOT / "bench" / "results" / "perf_records.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"summary": s, "records": results, "torch": torch.__version__,
-                               "python": platform.python_version(),
-                               "seconds": time.perf_counter() - t0}, indent=2))
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_json({"summary": s, "records": results, "torch": torch.__version__,
+                "python": platform.python_version(), "seconds": time.perf_counter() - t0},
+               ROOT / "bench" / "results" / "perf_records.json")
 
 
 if __name__ == "__main__":

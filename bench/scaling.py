@@ -36,15 +36,13 @@ import time
 from pathlib import Path
 
 import torch
+from benchlib import loadavg, write_json
 
 PLAIN = Path(__file__).resolve().with_name("plain_ddp.py")
 
 
 def _loadavg() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
+    return (loadavg() or [float("nan")])[0]
 
 
 class RunFailed(RuntimeError):
@@ -210,10 +208,7 @@ def main(argv=None) -> int:
           f"bench wall {result['bench_wall_s']:.0f} s")
     if os.cpu_count() and max(workers) > os.cpu_count():
         print(f"note: N > {os.cpu_count()} cores oversubscribes the machine (workers share cores).")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(result, args.json)
     return 0
 
 

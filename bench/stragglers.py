@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from benchlib import write_json
 
 SCENARIOS = {
     "none": [],
@@ -76,11 +77,8 @@ def main(argv=None) -> int:
         if s["time_to_target_s"] and b["time_to_target_s"]:
             print(f"{'':10s} {'time to target (s)':>24s}{s['time_to_target_s']:8.2f}{b['time_to_target_s']:9.2f}"
                   f"{b['time_to_target_s'] / s['time_to_target_s']:13.2f}")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "stragglers", "target_acc": args.target_acc, "repeats": args.repeats,
-                               "cpu_count": os.cpu_count(), "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json({"benchmark": "stragglers", "target_acc": args.target_acc, "repeats": args.repeats,
+                "cpu_count": os.cpu_count(), "rows": rows}, args.json)
     return 0
 
 

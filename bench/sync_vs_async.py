@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from benchlib import loadavg, write_json
 
 SCENARIOS = {
     "none": [],
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
             "train.eval_every=25", *args.overrides]
     scenarios, modes = args.scenarios.split(","), args.modes.split(",")
     t_bench = time.perf_counter()
-    load_before = os.getloadavg()
+    load_before = loadavg()
     rows = []
     for scenario in scenarios:
         results: dict[str, list] = {m: [] for m in modes}
@@ -162,14 +163,13 @@ def main(argv=None) -> int:
             cells.append(f"{r['time_to_target_s']:7.2f} {ratio:>6s} acc {r['final_test_acc']:.4f}")
         print(f"{mode:10s}" + "".join(f"{c:>28s}" for c in cells))
     out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
     plot(rows, png, args.target_acc)
-    out.write_text(json.dumps({"benchmark": "sync_vs_async", "target_acc": args.target_acc,
+    write_json({"benchmark": "sync_vs_async", "target_acc": args.target_acc,
                                "repeats": args.repeats, "cpu_count": os.cpu_count(),
-                               "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                               "loadavg_before": load_before, "loadavg_after": loadavg(),
                                "bench_wall_s": time.perf_counter() - t_bench, "base_overrides": base,
-                               "rows": rows}, indent=1) + "\n")
+                               "rows": rows}, out, indent=1)
     print(f"wrote {out} and {png}")
     return 0
 
