@@ -8,7 +8,6 @@ small model to accuracy with 2 real workers through ``scalelab train --nproc 2``
 
 import json
 import math
-import os
 import socket
 
 import pytest

@@ -17,7 +17,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from scalelab.checkpoint import load_latest

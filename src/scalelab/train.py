@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from scalelab import checkpoint as ckpt
 from scalelab.compress import optimizer_recipe
 from scalelab.config import Config, save_config
-from scalelab.data import DATASETS, Dataset, batch_indices, epoch_order, load_dataset, steps_per_epoch
+from scalelab.data import DATASETS, Dataset, epoch_order, load_dataset
 from scalelab.errors import ConfigError, DataError, DivergenceError, ScalelabError, unknown_name
 from scalelab.lab.noise import NoiseMonitor
 from scalelab.parallel.launch import WorkerFailure
@@ -174,7 +174,6 @@ class Trainer:
         self.rt = Runtime()
         self._data = data
         self._step = 0  # the step in progress, for error messages
-        self._resume_keys: set[str] = set()
 
     # ---- set-up -------------------------------------------------------------------------------------
     def _prepare_out(self) -> dict[str, Any] | None:
@@ -229,9 +228,10 @@ class Trainer:
         return WorkerFailure(f"rank {rt.rank}: a collective at step {self._step} failed after waiting up to "
                              f"parallel.timeout_s={rt.timeout_s:g} s: {who} ({str(e).splitlines()[0][:120]})")
 
-    def _batch_plan(self, c: Counters, n: int, world: int, used: int) -> tuple[BatchPlan, str]:
+    def _batch_plan(self, c: Counters, n: int, world: int, used: int, legacy: bool) -> tuple[BatchPlan, str]:
         """This session's batch plan; at a restart on another number of workers, apply ``parallel.resize`` and
-        return the log line that says what changed (else "")."""
+        return the log line that says what changed (else ""). ``legacy``: the counters come from a checkpoint
+        written before the data position was kept, so it is derived from the step."""
         cfg = self.cfg
         base_B, micro, msg = c.base_batch or cfg.train.batch_size, c.micro_batch, ""
         if c.step and c.world_size != world:
@@ -257,7 +257,7 @@ class Trainer:
         r = cfg.recipe
         plan = BatchPlan(base_B, n, used, world, tuple(r.batch_milestones), r.batch_growth,
                          cfg.train.micro_batch or micro)
-        if c.step and "epoch_pos" not in self._resume_keys:  # a checkpoint from before the data position
+        if legacy:
             c.epoch, k = divmod(c.step, plan.ref_steps_per_epoch)
             c.epoch_pos = k * plan.read(base_B)
         c.base_batch, c.micro_batch = base_B, micro
@@ -281,8 +281,8 @@ class Trainer:
         if resume_state is not None:
             c = Counters.from_state(resume_state["counters"])
             c.restarts += 1
-            self._resume_keys = set(resume_state["counters"])
-        plan, resized = self._batch_plan(c, len(x_train), world, used)
+        legacy = resume_state is not None and "epoch_pos" not in resume_state["counters"]
+        plan, resized = self._batch_plan(c, len(x_train), world, used, legacy)
         spe = plan.ref_steps_per_epoch
         # the LR schedule's length in steps of the base batch; kept in epochs across sessions, since a
         # keep_worker resize changes the base batch

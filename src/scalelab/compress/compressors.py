@@ -62,15 +62,10 @@ def _pad_to(x: torch.Tensor, m: int) -> torch.Tensor:
 
 
 # ---- sparse ------------------------------------------------------------------------------------------------
-class TopK:
-    """The ``k = ceil(density * n)`` entries of largest magnitude (exact ``torch.topk``).
+class _Sparsifier:
+    """Keeps ``k = ceil(density * n)`` entries of an ``n``-vector; ``select`` says which."""
 
-    References:
-        Aji & Heafield 2017, "Sparse Communication for Distributed Gradient Descent", arXiv 1704.05021;
-        Stich, Cordonnier, Jaggi 2018, "Sparsified SGD with Memory", arXiv 1809.07599.
-    """
-
-    shared_indices = False
+    shared_indices = False  # True: every worker picks the same indices, so only the values travel
 
     def __init__(self, density: float):
         self.density = density
@@ -81,12 +76,21 @@ class TopK:
     def capacity(self, n: int) -> int:
         return self.k(n)
 
+
+class TopK(_Sparsifier):
+    """The ``k = ceil(density * n)`` entries of largest magnitude (exact ``torch.topk``).
+
+    References:
+        Aji & Heafield 2017, "Sparse Communication for Distributed Gradient Descent", arXiv 1704.05021;
+        Stich, Cordonnier, Jaggi 2018, "Sparsified SGD with Memory", arXiv 1809.07599.
+    """
+
     def select(self, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.topk(x.abs(), self.k(x.numel()), sorted=False).indices
         return idx, x[idx]
 
 
-class RandomK:
+class RandomK(_Sparsifier):
     """``k = ceil(density * n)`` entries drawn uniformly without replacement, the same on every worker.
 
     The seed is a function of (step, bucket), shared by all workers, so the indices need not travel: the values
@@ -97,15 +101,6 @@ class RandomK:
     """
 
     shared_indices = True
-
-    def __init__(self, density: float):
-        self.density = density
-
-    def k(self, n: int) -> int:
-        return max(1, math.ceil(self.density * n))
-
-    def capacity(self, n: int) -> int:
-        return self.k(n)
 
     def select(self, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         n, k = x.numel(), self.k(x.numel())

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from scalelab.lab.plotting import finish
 from scalelab.errors import ConfigError, DataError
 
 
@@ -204,17 +205,9 @@ def plot_noise(result: dict[str, Any], path: Path) -> Path:
     if result.get("steps_to_target") is not None:
         ax.axvline(result["steps_to_target"], color="gray", ls="--",
                    label=f"target {result['target_acc']:g} reached")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("gradient noise scale (examples)")
-    ax.set_title(f"gradient noise scale, B={result['batch']}, b={result['shards_batch']} "
-                 f"(McCandlish et al. 2018)", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return finish(fig, ax, path, xlabel="step", ylabel="gradient noise scale (examples)",
+                  title=f"gradient noise scale, B={result['batch']}, b={result['shards_batch']} "
+                        f"(McCandlish et al. 2018)")
 
 
 def write_result(run_dir: Path, ema: float = 0.9) -> tuple[dict[str, Any], list[Path]]:

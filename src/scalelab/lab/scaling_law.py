@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from scalelab.lab.plotting import finish
 from scalelab.errors import ConfigError
 
 
@@ -267,17 +268,8 @@ def plot_scaling(result: dict[str, Any], path: Path) -> Path:
             m = pred["measured"]
             ax.errorbar([e["n"]], [m["error"]], yerr=[m["sigma"]], fmt="*", color="k", markersize=12,
                         capsize=4, label="measured there")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("training examples n")
-    ax.set_ylabel("test error (best evaluation)")
-    ax.set_title("data scaling (Hestness et al. 2017)", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return finish(fig, ax, path, xlabel="training examples n", ylabel="test error (best evaluation)",
+                  title="data scaling (Hestness et al. 2017)", xlog=10, legend_size=7)
 
 
 def format_result(r: dict[str, Any]) -> str:

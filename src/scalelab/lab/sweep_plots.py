@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from scalelab.lab.plotting import finish
+
 COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
 
 
@@ -51,52 +53,15 @@ def plot_sweep(summary: dict[str, Any], out: Path, predicted: dict[str, float] |
                     label=f"{opt}: knee B={k['batch']}")
     for j, (label, kb) in enumerate((predicted or {}).items()):
         ax.axvline(kb, color="gray", linestyle="--" if j == 0 else "-.", alpha=0.8, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("global batch size")
-    ax.set_ylabel("steps to target (best over the LR search)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "steps_to_target.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(finish(fig, ax, out / "steps_to_target.png", xlabel="global batch size",
+                        ylabel="steps to target (best over the LR search)", title=title, xlog=2, legend_size=7))
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for i, opt in enumerate(spec["optimizers"]):
-        b, e = _series(summary, opt, "examples_to_target")
-        if b:
-            ax.plot(b, e, "o-", color=COLORS[i % len(COLORS)], label=opt)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("global batch size")
-    ax.set_ylabel("examples to target")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "examples_to_target.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for i, opt in enumerate(spec["optimizers"]):
-        b, lr = _series(summary, opt, "lr")
-        if b:
-            ax.plot(b, lr, "o-", color=COLORS[i % len(COLORS)], label=opt)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("global batch size")
-    ax.set_ylabel("fastest learning rate")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "best_lr.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    for key, name, ylabel in (("examples_to_target", "examples_to_target.png", "examples to target"),
+                              ("lr", "best_lr.png", "fastest learning rate")):
+        fig, ax = plt.subplots(figsize=(7.5, 5))
+        for i, opt in enumerate(spec["optimizers"]):
+            b, v = _series(summary, opt, key)
+            if b:
+                ax.plot(b, v, "o-", color=COLORS[i % len(COLORS)], label=opt)
+        paths.append(finish(fig, ax, out / name, xlabel="global batch size", ylabel=ylabel, title=title, xlog=2))
     return paths

@@ -112,6 +112,9 @@ class BatchPlan:
         reaches ``total_ref`` (or ``max_steps`` steps in all, when set)."""
         if max_steps:
             return max_steps
+        if not self.milestones:  # a constant batch advances the schedule by exactly one reference step
+            epoch, pos, _ = self.start(epoch, pos)
+            return done + max(0, math.ceil(total_ref - 1e-9 - self.ref_step(epoch, pos)))
         steps = done
         while True:
             epoch, pos, B = self.start(epoch, pos)
