@@ -159,3 +159,16 @@ def test_divergence_on_two_workers_stops_both_with_one_decision(run_cli, tmp_pat
     assert len(errors) == 3 and len(steps) == 1, errors  # both workers, same step, then the launcher
     assert "are not finite" in errors[0] or "loss is nan" in errors[0] or "loss is inf" in errors[0]
     assert errors[-1].startswith("scalelab: error: the training diverged (worker rank")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nnodes", "2:1"], "--nnodes '2:1': expected N or MIN:MAX with 1 <= MIN <= MAX"),
+    (["--nnodes", "1:2"], "--nnodes with more than one node needs --rdzv-endpoint HOST:PORT, --rdzv-id ID"),
+    (["--nnodes", "1:2", "--rdzv-endpoint", "node1", "--rdzv-id", "j"], "--rdzv-endpoint 'node1': expected HOST:PORT"),
+])
+def test_bad_multinode_arguments_are_one_line_and_create_nothing(run_cli, tmp_path, args, message):
+    proc = run_cli("train", *args, "--out", tmp_path / "run")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"scalelab: error: {message}")
+    assert not (tmp_path / "run").exists()

@@ -125,6 +125,10 @@ def _launch(cfg, out: Path, args) -> int:
     if multinode and not (args.rdzv_endpoint and args.rdzv_id and args.out):
         raise ConfigError("--nnodes with more than one node needs --rdzv-endpoint HOST:PORT, --rdzv-id ID and "
                           "--out DIR (the same on every node)")
+    if args.rdzv_endpoint:
+        host, _, port = args.rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"--rdzv-endpoint {args.rdzv_endpoint!r}: expected HOST:PORT, e.g. node1:29500")
     check_names(cfg)
     workers_used(cfg, args.nproc * nnodes[0], check_batch=not multinode)
     # the nodes of a multi-node job start at different times: each resumes what is there (or starts it)
