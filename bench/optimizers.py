@@ -18,7 +18,7 @@ in the paper), its SGD burn-in shortened from the paper's 5 epochs to 10% of the
 
 Goals (issue 7): K-FAC reaches the target in fewer steps than every first-order optimizer (SGD, LARS, LAMB) at the
 two largest batches, and its time per step stays under 2x SGD's at the default intervals: per batch, the median
-s/step of K-FAC's grid runs over the median of SGD's, then the median over the batches. A run that does not reach
+s/step of K-FAC's grid runs over the median of SGD's, under 2 at every batch. A run that does not reach
 the target (or diverges) counts as "more than its budget".
 
 The step budgets are what fits in about 15 minutes here; pass larger ``--steps`` for a fuller study. The load
@@ -45,12 +45,12 @@ from scalelab.train import train
 from benchlib import loadavg, write_json
 
 # base LR grids at the reference batch 256 (scaled to each batch by the optimizer's rule)
-GRIDS = {
-    "sgd": [0.025, 0.05, 0.1, 0.2, 0.4],
-    "lars": [0.25, 0.5, 1.0, 2.0, 4.0],
-    "lamb": [0.0025, 0.005, 0.01, 0.02, 0.04],
-    "kfac": [0.025, 0.05, 0.1, 0.2, 0.4],
-    "neumann": [0.025, 0.05, 0.1, 0.2, 0.4],
+GRIDS = {  # factors of 2 around each optimizer's usual LR; 7 points so that the tuned LR is rarely on an edge
+    "sgd": [0.0125, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8],
+    "lars": [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
+    "lamb": [0.00125, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08],
+    "kfac": [0.0125, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8],
+    "neumann": [0.0125, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8],
 }
 SCALING = {"lamb": "sqrt"}
 FIRST_ORDER = ("sgd", "lars", "lamb")
@@ -174,14 +174,16 @@ def main(argv=None) -> int:
             ratios = [s_per_step("kfac", b) / s_per_step("sgd", b) for b in batches]
             verdict["kfac_over_sgd_s_per_step"] = {str(b): r for b, r in zip(batches, ratios)}
             verdict["kfac_over_sgd_s_per_step_median"] = statistics.median(ratios)
-            verdict["kfac_time_per_step_under_2x_sgd"] = statistics.median(ratios) < 2.0
+            verdict["kfac_over_sgd_s_per_step_max"] = max(ratios)
+            verdict["kfac_time_per_step_under_2x_sgd"] = max(ratios) < 2.0   # at every batch
         print(f"\ngoal 1, K-FAC fewer steps than {', '.join(first)} at batches {big}: "
               f"{'MET' if verdict['kfac_fewer_steps_at_two_largest_batches'] else 'NOT MET'} "
               f"({', '.join(f'B={b}: {v}' for b, v in fewer.items())})")
         if "sgd" in opts:
-            print(f"goal 2, K-FAC s/step < 2x SGD (median over batches of the ratio, default intervals "
-                  f"factor_every={cfg.recipe.kfac_factor_every}, inverse_every={cfg.recipe.kfac_inverse_every}): "
-                  f"{verdict['kfac_over_sgd_s_per_step_median']:.2f}x -> "
+            print(f"goal 2, K-FAC s/step < 2x SGD at every batch (intervals factor_every="
+                  f"{cfg.recipe.kfac_factor_every}, inverse_every={cfg.recipe.kfac_inverse_every}, method "
+                  f"{cfg.recipe.kfac_method}): largest ratio {verdict['kfac_over_sgd_s_per_step_max']:.2f}x, "
+                  f"median {verdict['kfac_over_sgd_s_per_step_median']:.2f}x -> "
                   f"{'MET' if verdict['kfac_time_per_step_under_2x_sgd'] else 'NOT MET'}")
 
     result = {

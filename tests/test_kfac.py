@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def test_zero_damping_step_is_the_gauss_newton_step(method):
 def test_damping_moves_the_step_towards_the_gradient():
     model, x, t = least_squares_setup()
     expected, grad = gauss_newton_step(model, x, t)
-    kfac = KFAC(model, damping=10.0, kl_clip=0.0)
+    kfac = KFAC(model, damping=10.0, kl_clip=0.0, method="eigen")
     ls_loss(model(x), t).backward()
     kfac.step()
     got = torch.cat([model.weight.grad.reshape(-1), model.bias.grad])
@@ -128,7 +129,7 @@ def test_factored_tikhonov_damping_by_hand():
 
 def test_linear_factors_by_hand():
     model = nn.Linear(2, 3).double()
-    kfac = KFAC(model, factor_decay=0.5)
+    kfac = KFAC(model, factor_decay=0.5, factor_every=1)
     x = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=F64)
     u = torch.tensor([[1.0, 0.0, 2.0], [0.0, -1.0, 1.0]], dtype=F64)   # dℓ_i/dy_i
     (model(x) * u).sum(1).mean().backward()
@@ -366,8 +367,20 @@ def _assert_same(real, single, what):
 def test_distributed_kfac_equals_single_process(tmp_path, cache_dir, nproc):
     """mlp without BN: N workers with B/N each == one process with B (factors all-reduced, inverses broadcast)."""
     overrides = [*BASE, "model.norm=none"]
-    _assert_same(_real(tmp_path, cache_dir, nproc, overrides), _single(tmp_path, cache_dir, overrides),
-                 f"N={nproc}")
+    real = _real(tmp_path, cache_dir, nproc, overrides)
+    _assert_same(real, _single(tmp_path, cache_dir, overrides), f"N={nproc}")
+    # comm_bytes counts K-FAC's own collectives on top of DDP's gradient all-reduce (rank 0's summary)
+    summary = json.loads((tmp_path / f"ddp{nproc}" / "summary.json").read_text())
+    ring = lambda nbytes: 2 * (nproc - 1) * nbytes // nproc
+    layers = real["optimizer"]["kfac"]["layers"].values()
+    dims = [(la["A"].shape[0], la["G"].shape[0]) for la in layers]
+    ddp = 8 * ring(sum(p.numel() * 8 for p in real["model"].values()))            # float64 gradients, 8 steps
+    factors = 4 * ring(sum(8 * (a * a + g * g) for a, g in dims))                   # steps 0, 2, 4, 6
+    owners = assign_owners([a ** 3 + g ** 3 for a, g in dims], nproc)
+    inverses = 3 * (nproc - 1) * sum(8 * (a * a + a + g * g + g)                    # steps 0, 3, 6, eigen
+                                     for (a, g), o in zip(dims, owners) if o == 0)
+    extra = summary["comm_bytes"] - ddp - factors - inverses
+    assert 0 <= extra < 256, (summary["comm_bytes"], ddp, factors, inverses)      # + the loss at 2 log steps
 
 
 def test_distributed_kfac_conv_with_bn_equals_emulated_workers(tmp_path, cache_dir):

@@ -95,10 +95,11 @@ class RecipeConfig:
                                                         "kfac_damping_decay")
     kfac_damping_decay: float = _f(0.5, lo=0.0, lo_open=True, hi=1.0)
     kfac_factor_decay: float = _f(0.95, lo=0.0, hi=0.9999, doc="K-FAC running average of the factors")
-    kfac_factor_every: int = _f(1, lo=1, doc="K-FAC: update the factors every N steps")
+    kfac_factor_every: int = _f(10, lo=1, doc="K-FAC: update the factors every N steps")
     kfac_inverse_every: int = _f(10, lo=1, doc="K-FAC: recompute eigendecompositions/inverses every N steps")
     kfac_kl_clip: float = _f(1e-3, lo=0.0, doc="K-FAC KL clipping kappa; 0 = off")
-    kfac_method: str = _f("eigen", choices=("eigen", "inverse"), doc="eigendecomposition or damped inverses")
+    kfac_method: str = _f("inverse", choices=("eigen", "inverse"), doc="damped inverses (factored Tikhonov) "
+                                                                       "or eigendecomposition")
     neumann_alpha: float = _f(1e-7, lo=0.0, doc="Neumann cubic regulariser alpha")
     neumann_beta: float = _f(1e-5, lo=0.0, doc="Neumann repulsive regulariser, per parameter (x their count)")
     neumann_gamma: float = _f(0.99, lo=0.0, hi=0.9999, doc="Neumann moving average of the weights")

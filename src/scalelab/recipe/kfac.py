@@ -47,6 +47,7 @@ References:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +56,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scalelab.parallel.runtime import ring_bytes_sent
 from scalelab.recipe.parts import run_closure
 
 __all__ = ["KFAC", "METHODS", "assign_owners", "conv_patches", "kfac_optimizer", "step_damping"]
@@ -127,6 +129,7 @@ class _Layer:
         self.A: Tensor | None = None
         self.G: Tensor | None = None
         self.inv: dict[str, Tensor] = {}
+        self.scale: tuple[float, Tensor] | None = None   # eigen: (λ, 1 / (d_G d_Aᵀ + λ)) of the current inv
 
     def reset_sums(self) -> None:
         self.a_sum: Tensor | None = None
@@ -203,8 +206,8 @@ class KFAC:
     """
 
     def __init__(self, model: nn.Module, damping: float | Callable[[int], float] = 1e-3,
-                 factor_decay: float = 0.95, factor_every: int = 1, inverse_every: int = 10,
-                 kl_clip: float = 1e-3, method: str = "eigen", params=None,
+                 factor_decay: float = 0.95, factor_every: int = 10, inverse_every: int = 10,
+                 kl_clip: float = 1e-3, method: str = "inverse", params=None,
                  log: Callable[[str], None] | None = None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -215,6 +218,8 @@ class KFAC:
         self.factor_decay, self.factor_every, self.inverse_every = factor_decay, factor_every, inverse_every
         self.kl_clip, self.method = kl_clip, method
         self.steps = 0
+        self.bytes_sent = 0     # what this worker sent in K-FAC's own collectives, and the time they took
+        self.comm_s = 0.0
         allowed = None if params is None else {id(p) for p in params}
         self.layers: list[_Layer] = []
         self.skipped: list[str] = []
@@ -299,7 +304,10 @@ class KFAC:
         world = _world()
         if world > 1:  # one all-reduce of every factor: the average over workers (equal shares of the batch)
             flat = torch.cat([t.reshape(-1) for t in new])
+            t0 = time.perf_counter()
             dist.all_reduce(flat)
+            self.comm_s += time.perf_counter() - t0
+            self.bytes_sent += ring_bytes_sent(flat.numel() * flat.element_size(), world)
             flat /= world
             new = [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in new]), new)]
         xi = self.factor_decay
@@ -324,9 +332,14 @@ class KFAC:
                     layer.inv = {k: torch.empty(s, dtype=layer.factor_dtype, device=layer.A.device)
                                  for k, s in self._inverse_shapes(layer).items()}
                 flat = torch.cat([t.reshape(-1) for t in layer.inv.values()])
+                t0 = time.perf_counter()
                 dist.broadcast(flat, src=owner)
+                self.comm_s += time.perf_counter() - t0
+                if owner == rank:   # every other worker receives it once: (n-1) x payload, charged to the root
+                    self.bytes_sent += (world - 1) * flat.numel() * flat.element_size()
                 parts = flat.split([t.numel() for t in layer.inv.values()])
                 layer.inv = {k: p.view_as(t).clone() for (k, t), p in zip(layer.inv.items(), parts)}
+            layer.scale = None
 
     def _inverse_shapes(self, layer: _Layer) -> dict[str, tuple[int, ...]]:
         a, g = layer.dim_a, layer.dim_g
@@ -344,18 +357,17 @@ class KFAC:
         ta, tg = A.diagonal().mean(), G.diagonal().mean()
         pi = torch.sqrt(ta / tg) if tg > 0 and ta > 0 else torch.ones((), dtype=A.dtype)
         root = lam ** 0.5
-        eye_a = torch.eye(layer.dim_a, dtype=A.dtype, device=A.device)
-        eye_g = torch.eye(layer.dim_g, dtype=G.dtype, device=G.device)
-        return {"Ainv": torch.linalg.inv(A + pi * root * eye_a),
-                "Ginv": torch.linalg.inv(G + root / pi * eye_g)}
+        return {"Ainv": _spd_inverse(A, pi * root), "Ginv": _spd_inverse(G, root / pi)}
 
     def precondition_matrix(self, layer: _Layer, v: Tensor) -> Tensor:
         """``Ṽ`` for the gradient matrix ``V`` of one layer, with the current decomposition and damping."""
         inv = layer.inv
         if self.method == "eigen":
+            lam = self.damping(self.steps)
+            if layer.scale is None or layer.scale[0] != lam:   # changes with the decomposition or the damping
+                layer.scale = (lam, (torch.outer(inv["dG"], inv["dA"]) + lam).reciprocal_())
             v1 = inv["QG"].T @ v @ inv["QA"]
-            v1 = v1 / (inv["dG"][:, None] * inv["dA"][None, :] + self.damping(self.steps))
-            return inv["QG"] @ v1 @ inv["QA"].T
+            return inv["QG"] @ v1.mul_(layer.scale[1]) @ inv["QA"].T
         return inv["Ginv"] @ v @ inv["Ainv"]
 
     def _precondition(self, lr: float | dict[int, float]) -> None:
@@ -399,7 +411,16 @@ class KFAC:
             layer.A = None if a is None else a.to(dev, layer.factor_dtype).clone()
             layer.G = None if g is None else g.to(dev, layer.factor_dtype).clone()
             layer.inv = {k: v.to(dev, layer.factor_dtype).clone() for k, v in entry.items()}
+            layer.scale = None
             layer.reset_sums()
+
+
+def _spd_inverse(m: Tensor, shift) -> Tensor:
+    """``(m + shift I)⁻¹`` of a symmetric positive semi-definite ``m``: by Cholesky (2-3x cheaper than a general
+    inverse), or the general inverse when the shifted matrix is not numerically positive definite."""
+    shifted = m + shift * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    chol, info = torch.linalg.cholesky_ex(shifted)
+    return torch.linalg.inv(shifted) if info.item() else torch.cholesky_inverse(chol)
 
 
 def _world() -> int:
