@@ -184,7 +184,10 @@ class KFAC:
         factor_every: update the factors every this many steps (hooks capture nothing in between).
         inverse_every: recompute eigendecompositions or inverses every this many steps.
         kl_clip: ``κ`` of the KL clipping (Ba et al. 2017, §5); 0 turns it off.
-        method: ``"eigen"`` or ``"inverse"``.
+        method: ``"inverse"`` (factored Tikhonov; 2 matmuls per layer per step, a Cholesky inverse per factor
+            update) or ``"eigen"`` (exact damping of ``A ⊗ G``; 4 matmuls per layer per step, an eigh per update).
+            The default intervals (10, 10) and method keep a step under 2x plain SGD's at small batches
+            (``bench/optimizers.py``); factor capture costs about as much as the layer's forward matmuls.
         params: only layers whose weight is among these are preconditioned (default: all of the model's).
         log: where the one-line list of preconditioned and skipped layers goes (``None``: nowhere).
 
