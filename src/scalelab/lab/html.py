@@ -73,7 +73,9 @@ def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool,
              f"<li>LR grid: guess x {', '.join(f'{m:g}' for m in spec['lr_mults'])} (up to {spec['extend']} "
              f"more points beyond an edge that wins); guesses: {html.escape(guesses)}</li>"
              f"<li>warm-up epochs: {', '.join(f'{w:g}' for w in spec['warmups'])}; LR schedule after warm-up: "
-             f"{_fmt(base['recipe']['schedule'])}; budget {spec['budget_epochs']:g} epochs; evaluation every "
+             f"{_fmt(base['recipe']['schedule'])}; budget {spec['budget_epochs']:g} epochs"
+             + (f", at least {spec['budget_steps']} steps" if spec.get("budget_steps") else "")
+             + f" (per batch: the budget column below); evaluation every "
              f"max(1, round({spec['eval_examples']}/B)) steps</li>"
              f"<li>training examples: {base['data']['n_train'] or 'dataset default'}; test examples: "
              f"{base['data']['n_test'] or 'dataset default'}</li>"
@@ -89,7 +91,9 @@ def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool,
             k = summary["knees"][o]
             ratio = k["ratios"].get(str(b))
             cls = "knee" if k["batch"] == b else ("off" if ratio is None or ratio > spec["tol"] else "")
-            h.append(f"<td class='{cls}'>{_fmt(row['steps_to_target'])}</td><td class='{cls}'>"
+            steps = (_fmt(row["steps_to_target"]) if row["steps_to_target"] is not None or not row.get("budget")
+                     else f"missed in {row['budget']}")
+            h.append(f"<td class='{cls}'>{steps}</td><td class='{cls}'>"
                      f"{_fmt(ratio, '.2f') if ratio is not None else ('–' if row['steps_to_target'] is None else '')}"
                      f"</td><td>{_fmt(row['lr'], '.3g')}</td>")
         h.append("</tr>")
@@ -128,7 +132,7 @@ def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool,
     h.append("<h2>Every trial</h2><details><summary>show all {} trials</summary><table><tr>".format(
         len(summary["trials"])))
     cols = ["optimizer", "batch", "warmup", "mult", "lr", "status", "steps_to_target", "steps", "cap",
-            "best_test_acc", "wall_s"]
+            "budget", "best_test_acc", "wall_s"]
     h += [f"<th>{c}</th>" for c in cols] + ["</tr>"]
     for r in summary["trials"]:
         style = " class='knee'" if r.get("best") else ""
