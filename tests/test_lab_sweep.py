@@ -64,6 +64,13 @@ def test_budget_is_the_larger_of_epochs_and_steps():
         spec(budget_steps=-1)
 
 
+def test_warmup_searched_only_at_large_batches():
+    s = spec(batches=[256, 1024, 2048], warmups=[1, 0.25, 4], warmup_search_from=1024)
+    assert s.cells() == [("sgd", 256, 1), ("sgd", 1024, 1), ("sgd", 1024, 0.25), ("sgd", 1024, 4),
+                         ("sgd", 2048, 1), ("sgd", 2048, 0.25), ("sgd", 2048, 4)]
+    assert len(spec(batches=[256, 1024], warmups=[1, 4]).cells()) == 4     # default: every batch
+
+
 def test_failed_trials_are_kept_and_marked(tmp_path):
     from scalelab.config import load_config
     from scalelab.lab.sweep import Trial, load_trials, run_trial, trial_config

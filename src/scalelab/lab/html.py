@@ -72,7 +72,10 @@ def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool,
              f"<li>batches: {', '.join(map(str, batches))}</li>"
              f"<li>LR grid: guess x {', '.join(f'{m:g}' for m in spec['lr_mults'])} (up to {spec['extend']} "
              f"more points beyond an edge that wins); guesses: {html.escape(guesses)}</li>"
-             f"<li>warm-up epochs: {', '.join(f'{w:g}' for w in spec['warmups'])}; LR schedule after warm-up: "
+             f"<li>warm-up epochs: {', '.join(f'{w:g}' for w in spec['warmups'])}"
+             + (f" (the first at every batch, the others from batch {spec['warmup_search_from']} on)"
+                if spec.get("warmup_search_from") and len(spec["warmups"]) > 1 else "")
+             + "; LR schedule after warm-up: "
              f"{_fmt(base['recipe']['schedule'])}; budget {spec['budget_epochs']:g} epochs"
              + (f", at least {spec['budget_steps']} steps" if spec.get("budget_steps") else "")
              + f" (per batch: the budget column below); evaluation every "

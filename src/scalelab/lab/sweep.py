@@ -108,6 +108,9 @@ class SweepSpec:
         guesses: per optimizer, the LR guess (:class:`LRGuess` as a dict).
         lr_mults: multipliers of the guess that make the LR grid.
         warmups: warm-up lengths in epochs to search over (one value: no warm-up search).
+        warmup_search_from: search the warm-ups after the first only at batches >= this (0: at every batch);
+            the first warm-up runs at every batch. Warm-up matters at large batches (Goyal et al. 2017, You
+            et al. 2017), and searching it only there saves the trials at the small ones.
         budget_epochs: a trial that has not reached the target after this many epochs is ``missed`` ...
         budget_steps: ... unless the epochs are fewer steps than this: a trial's budget is the larger of the two
             (:meth:`budget`); 0 = epochs only.
@@ -123,6 +126,7 @@ class SweepSpec:
     guesses: dict[str, dict[str, Any]]
     lr_mults: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     warmups: list[float] = field(default_factory=lambda: [1.0])
+    warmup_search_from: int = 0
     budget_epochs: float = 30.0
     budget_steps: int = 0
     eval_examples: int = 2048
@@ -142,6 +146,11 @@ class SweepSpec:
                               "--tol >= 1")
         self.batches = sorted(set(self.batches))
         self.lr_mults = sorted(set(self.lr_mults))
+
+    def cells(self) -> list[tuple[str, int, float]]:
+        """The (optimizer, batch, warm-up) cells, each with its own LR search."""
+        return [(o, b, w) for o in self.optimizers for b in self.batches for i, w in enumerate(self.warmups)
+                if i == 0 or b >= self.warmup_search_from]
 
     def guess(self, opt: str) -> LRGuess:
         return LRGuess(**self.guesses[opt])
@@ -385,7 +394,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, jobs: int = 0, progress: bool = 
     # generate/cache the data once, here, not in every worker; its size sets the budgets in epochs
     n_train = len(load_dataset(from_dict(spec.base).data).y_train)
     done = load_trials(out)
-    cells = [(o, b, w) for o in spec.optimizers for b in spec.batches for w in spec.warmups]
+    cells = spec.cells()
     by_cell: dict[tuple, list[dict]] = {c: [] for c in cells}
     for r in done.values():
         key = (r["optimizer"], r["batch"], r["warmup"])
@@ -595,6 +604,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "lies on it (default 2)")
     p.add_argument("--warmup-epochs", default=None, help="warm-up lengths to search, e.g. 0.5,2 (default: "
                    "the base config's)")
+    p.add_argument("--warmup-search-from", type=int, default=0, metavar="BATCH", help="search the warm-ups "
+                   "after the first only at batches >= BATCH (default 0: at every batch)")
     p.add_argument("--budget-epochs", type=float, default=30.0, help="epochs after which a trial is 'missed'")
     p.add_argument("--budget-steps", type=int, default=0, help="but at least this many steps: a trial's budget "
                    "is max(budget-epochs in steps, budget-steps), so large batches get steps enough (default 0)")
@@ -625,11 +636,14 @@ def spec_from_args(args) -> SweepSpec:
             raise ConfigError(f"--lr-guess {item!r}: expected OPT=LR@BATCH[:RULE] with OPT one of {', '.join(opts)}")
         guesses[opt] = LRGuess.parse(rest)
     warmups = _floats(args.warmup_epochs, "--warmup-epochs") if args.warmup_epochs else [cfg.recipe.warmup_epochs]
-    if any(w < 0 for w in warmups):
-        raise ConfigError("--warmup-epochs must be >= 0")
+    if any(w < 0 for w in warmups) or len(set(warmups)) < len(warmups):
+        raise ConfigError("--warmup-epochs must be >= 0 and distinct")
+    if args.warmup_search_from < 0:
+        raise ConfigError(f"--warmup-search-from {args.warmup_search_from}: must be >= 0")
     return SweepSpec(base=cfg.to_dict(), batches=parse_batches(args.batch), optimizers=opts,
                      target_acc=args.target_acc, guesses={o: asdict(g) for o, g in guesses.items()},
                      lr_mults=_floats(args.lr_mults, "--lr-mults"), warmups=warmups,
+                     warmup_search_from=args.warmup_search_from,
                      budget_epochs=args.budget_epochs, budget_steps=args.budget_steps, eval_examples=args.eval_examples, extend=args.extend,
                      tol=args.tol)
 
