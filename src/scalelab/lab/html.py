@@ -114,7 +114,7 @@ def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool,
                  "B = tol&middot;b0 + (tol &minus; 1)&middot;B_noise.</p>")
     h.append("<table><tr><th>optimizer</th><th>measured knee</th><th>first batch off</th>"
              "<th>McCandlish fit B_noise (steps curve)</th><th>B_simple (noise scale)</th>"
-             "<th>knee predicted from B_simple</th></tr>")
+             "<th>knee predicted from B_simple</th><th>knee from the common reference</th></tr>")
     for o in opts:
         k = summary["knees"][o]
         pred = None
@@ -123,8 +123,14 @@ def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool,
         h.append(f"<tr><td>{_fmt(o)}</td><td>{_fmt(k['batch'])}</td><td>{_fmt(k['first_off'])}</td>"
                  f"<td>{_fmt(k['mccandlish_b_noise'], '.0f')}</td>"
                  f"<td>{_fmt(noise['predicted_critical_batch'], '.0f') if noise else '–'}</td>"
-                 f"<td>{_fmt(pred, '.0f')}</td></tr>")
+                 f"<td>{_fmt(pred, '.0f')}</td><td>{_fmt((k.get('common') or {}).get('batch'))}</td></tr>")
     h.append("</table>")
+    common = next((k["common"] for k in summary["knees"].values() if k.get("common")), None)
+    if common:
+        h.append(f"<p>The common reference is the fastest optimizer at the smallest batch ({common['ref_steps']} "
+                 f"steps at batch {common['ref_batch']}): perfect scaling from it is the same line for every "
+                 f"optimizer, so an optimizer that is slow at small batches does not get a late knee from its own "
+                 f"slow start.</p>")
 
     h.append("<h2>Plots</h2>")
     for p in plots:

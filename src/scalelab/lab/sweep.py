@@ -467,7 +467,7 @@ def summarize(spec: SweepSpec, trials: list[dict[str, Any]]) -> dict[str, Any]:
     from scalelab.lab.knee import find_knee, fit_mccandlish
 
     trials = sorted(trials, key=lambda r: (r["optimizer"], r["batch"], r["warmup"], r["mult"]))
-    best_rows, knees = [], {}
+    best_rows, knees, curves = [], {}, {}
     for opt in spec.optimizers:
         steps = []
         for b in spec.batches:
@@ -490,6 +490,15 @@ def summarize(spec: SweepSpec, trials: list[dict[str, Any]]) -> dict[str, Any]:
         fit = fit_mccandlish(spec.batches, steps)
         knees[opt] = {**knee.to_dict(),
                       "mccandlish_b_noise": fit[0] if fit else None, "mccandlish_s_min": fit[1] if fit else None}
+        curves[opt] = steps
+    # the common reference: the fewest steps any optimizer needed at the smallest batch any of them reached
+    firsts = [(b, s) for steps in curves.values() for b, s in zip(spec.batches, steps) if s is not None]
+    if firsts:
+        b0 = min(b for b, _ in firsts)
+        ref = (b0, min(s for b, s in firsts if b == b0))
+        for opt, steps in curves.items():
+            common = find_knee(spec.batches, steps, spec.tol, ref=ref).to_dict()
+            knees[opt]["common"] = {k: common[k] for k in ("batch", "ref_batch", "ref_steps", "first_off", "ratios")}
     best_ids = set()
     for row in best_rows:
         cell = [r for r in trials if r["optimizer"] == row["optimizer"] and r["batch"] == row["batch"]]
@@ -559,6 +568,10 @@ def format_table(summary: dict[str, Any]) -> str:
         fit = (f", McCandlish fit B_noise {k['mccandlish_b_noise']:.0f}" if k["mccandlish_b_noise"] else "")
         lines.append(f"{o}: knee at batch {k['batch']} (steps within {k['tol']:g}x of perfect scaling from batch "
                      f"{k['ref_batch']}; first batch off: {k['first_off']}){fit}")
+        if k.get("common"):
+            c = k["common"]
+            lines.append(f"{o}: from the common reference ({c['ref_steps']} steps at batch {c['ref_batch']}, the "
+                         f"fastest there): knee {c['batch']}, first batch off: {c['first_off']}")
     c = summary["counts"]
     lines.append("trials: " + ", ".join(f"{v} {k}" for k, v in c.items()))
     return "\n".join(lines)
