@@ -76,15 +76,15 @@ def test_failed_trials_are_kept_and_marked(tmp_path):
     from scalelab.lab.sweep import Trial, load_trials, run_trial, trial_config
 
     base = load_config(None, ["data.name=digits", "model.name=mlp", "recipe.schedule=constant"]).to_dict()
-    s = spec(base=base, target_acc=0.99, budget_epochs=1, budget_steps=30, eval_examples=256)
+    s = spec(base=base, target_acc=0.99, budget_epochs=0.1, budget_steps=8, eval_examples=256)
     budget = s.budget(64, 1500)
-    assert budget == 30                          # 1 epoch of digits at batch 64 is 23 steps
+    assert budget == 8                           # 0.1 epoch of digits at batch 64 is 2 steps
     for mult, status, cap in [(1e12, "diverged", None), (1.0, "missed", None), (1.0, "pruned", 5),
-                              (1.0, "missed", 50)]:  # a pruning limit above the budget: the budget ends it
+                              (1.0, "missed", 20)]:  # a pruning limit above the budget: the budget ends it
         t = Trial("sgd", 64, 0.0, mult, 0.05 * mult)
         res = run_trial(t, trial_config(s, t, cap, budget), cap, budget, str(tmp_path))
         assert res["status"] == status and res["steps_to_target"] is None
-        assert res["budget"] == 30 and res["cap"] == min(cap or budget, budget)
+        assert res["budget"] == 8 and res["cap"] == min(cap or budget, budget)
         if status != "diverged":
             assert res["steps"] == res["cap"]    # it ran exactly the steps it was allowed
         assert load_trials(tmp_path)[t.id]["status"] == status   # written to its own file

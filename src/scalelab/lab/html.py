@@ -168,6 +168,12 @@ def report_sweep(sweep_dir: Path) -> str:
             predicted[f"knee predicted by noise scale (B_simple={noise['predicted_critical_batch']:.0f})"] = (
                 predicted_knee(noise["predicted_critical_batch"], min(refs), summary["spec"]["tol"]))
     write_tables(summary, sweep_dir)
+    if not partial:  # sweep.json recomputed too (same trials; a newer scalelab may add fields), session info kept
+        from scalelab.lab.sweep import _write_json_atomic
+
+        old = json.loads((sweep_dir / "sweep.json").read_text())
+        summary.update({k: old[k] for k in ("wall_s_this_session", "resumed_trials") if k in old})
+        _write_json_atomic(sweep_dir / "sweep.json", summary)
     paths = plot_sweep(summary, sweep_dir / "plots", predicted)
     noise_plot = None
     if noise and (sweep_dir / "noise" / "noise.png").exists():
