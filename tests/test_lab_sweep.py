@@ -142,8 +142,13 @@ def test_sweep_killed_then_resumed_does_not_redo_finished_trials(tmp_path):
     assert main([a if a != "0.85" else "0.8" for a in args]) == 2
     assert main(args + ["--budget-steps", "500"]) == 2
     # a sweep started before --budget-steps existed (no such key in its spec) resumes with the default
+    from scalelab.lab.sweep import SweepSpec, _check_spec
+
     spec_path = out / "sweep_spec.json"
     old = json.loads(spec_path.read_text())
+    mine = SweepSpec(**old)
     del old["budget_steps"]
     spec_path.write_text(json.dumps(old))
-    assert main(args) == 0
+    _check_spec(mine, out)                                   # no error: the missing key is at its default
+    with pytest.raises(Exception, match="budget_steps"):
+        _check_spec(SweepSpec(**{**mine.__dict__, "budget_steps": 500}), out)
