@@ -1,6 +1,7 @@
 """The 95% steps-to-target plot of docs/lab.md with momentum SGD's second LR search at 4096 and 8192 included.
 
-    python docs/lab/combine_95.py docs/lab/results/sweep-95 docs/lab/results/sweep-95-sgd-low docs/lab/results/sweep-95/combined
+    python docs/lab/combine_95.py docs/lab/results/sweep-95 docs/lab/results/sweep-95-sgd-low \
+        docs/lab/results/sweep-95/combined
 
 The main sweep's LR grid for SGD at 4096 and 8192 followed the linear rule (1.6-25.6) and stayed near chance; the
 second sweep searched around 0.4 there. This takes each (optimizer, batch) cell's best over the trials of both

@@ -199,8 +199,8 @@ def trial_config(spec: SweepSpec, trial: Trial, cap: int | None, budget: int) ->
     if trial.optimizer == "sgd" and d["recipe"]["momentum"] == 0:
         d["recipe"]["nesterov"] = False
     d["train"].update(batch_size=trial.batch, target_acc=spec.target_acc, epochs=spec.budget_epochs,
-                      max_steps=min(cap, budget) if cap else budget, eval_every=spec.eval_every(trial.batch), threads=1, progress=False,
-                      name=trial.id)
+                      max_steps=min(cap, budget) if cap else budget, eval_every=spec.eval_every(trial.batch),
+                      threads=1, progress=False, name=trial.id)
     from_dict(d)  # validate here, in the parent, so a bad combination fails before any process starts
     return d
 
@@ -656,8 +656,8 @@ def spec_from_args(args) -> SweepSpec:
     return SweepSpec(base=cfg.to_dict(), batches=parse_batches(args.batch), optimizers=opts,
                      target_acc=args.target_acc, guesses={o: asdict(g) for o, g in guesses.items()},
                      lr_mults=_floats(args.lr_mults, "--lr-mults"), warmups=warmups,
-                     warmup_search_from=args.warmup_search_from,
-                     budget_epochs=args.budget_epochs, budget_steps=args.budget_steps, eval_examples=args.eval_examples, extend=args.extend,
+                     warmup_search_from=args.warmup_search_from, budget_epochs=args.budget_epochs,
+                     budget_steps=args.budget_steps, eval_examples=args.eval_examples, extend=args.extend,
                      tol=args.tol)
 
 
