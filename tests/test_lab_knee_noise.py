@@ -113,3 +113,14 @@ def test_trainer_logs_noise_curve_and_cli_reports_it(tmp_path):
     assert result["measurements"] == 8 and result["batch"] == 128 and result["shards_batch"] == 32
     assert result["predicted_critical_batch"] > 0 and (out / "noise.png").stat().st_size > 0
     assert main(["noise", str(tmp_path)]) == 2  # a directory without noise records: one-line error
+
+
+def test_knee_from_a_common_reference():
+    # an optimizer that is slow at the smallest batch gets a late knee from its own start, not from the common one
+    slow = [4000, 2000, 1000, 500, 250, 240]
+    assert find_knee(BATCHES[:6], slow).batch == BATCHES[4]
+    k = find_knee(BATCHES[:6], slow, ref=(BATCHES[0], 1000))
+    assert k.batch is None and k.first_off == BATCHES[0] and k.ratios[BATCHES[0]] == 4
+    fast = [1000, 500, 260, 200, 150, 140]
+    k = find_knee(BATCHES[:6], fast, ref=(BATCHES[0], 1000))
+    assert k.batch == BATCHES[2] and k.first_off == BATCHES[3]

@@ -53,17 +53,40 @@ def test_search_order_edges_and_divergence():
         spec(target_acc=1.5)
 
 
+def test_budget_is_the_larger_of_epochs_and_steps():
+    s = spec(budget_epochs=10, budget_steps=400)
+    assert s.budget(8192, 45000) == 400        # 10 epochs would be 50 steps
+    assert s.budget(1024, 45000) == 430        # 10 epochs of 43 steps: more than 400, unchanged
+    assert s.budget(32, 45000) == 14060
+    assert spec(budget_epochs=10).budget(8192, 45000) == 50   # epochs only, as before
+    assert spec(budget_epochs=0.01).budget(8192, 45000) == 1
+    with pytest.raises(Exception, match="--budget-steps"):
+        spec(budget_steps=-1)
+
+
+def test_warmup_searched_only_at_large_batches():
+    s = spec(batches=[256, 1024, 2048], warmups=[1, 0.25, 4], warmup_search_from=1024)
+    assert s.cells() == [("sgd", 256, 1), ("sgd", 1024, 1), ("sgd", 1024, 0.25), ("sgd", 1024, 4),
+                         ("sgd", 2048, 1), ("sgd", 2048, 0.25), ("sgd", 2048, 4)]
+    assert len(spec(batches=[256, 1024], warmups=[1, 4]).cells()) == 4     # default: every batch
+
+
 def test_failed_trials_are_kept_and_marked(tmp_path):
     from scalelab.config import load_config
     from scalelab.lab.sweep import Trial, load_trials, run_trial, trial_config
 
     base = load_config(None, ["data.name=digits", "model.name=mlp", "recipe.schedule=constant"]).to_dict()
-    s = spec(base=base, target_acc=0.99, budget_epochs=1, eval_examples=256)
-    for mult, status in [(1e12, "diverged"), (1.0, "missed"), (1.0, "pruned")]:
+    s = spec(base=base, target_acc=0.99, budget_epochs=0.1, budget_steps=8, eval_examples=256)
+    budget = s.budget(64, 1500)
+    assert budget == 8                           # 0.1 epoch of digits at batch 64 is 2 steps
+    for mult, status, cap in [(1e12, "diverged", None), (1.0, "missed", None), (1.0, "pruned", 5),
+                              (1.0, "missed", 20)]:  # a pruning limit above the budget: the budget ends it
         t = Trial("sgd", 64, 0.0, mult, 0.05 * mult)
-        cap = 5 if status == "pruned" else None
-        res = run_trial(t, trial_config(s, t, cap), cap, str(tmp_path))
+        res = run_trial(t, trial_config(s, t, cap, budget), cap, budget, str(tmp_path))
         assert res["status"] == status and res["steps_to_target"] is None
+        assert res["budget"] == 8 and res["cap"] == min(cap or budget, budget)
+        if status != "diverged":
+            assert res["steps"] == res["cap"]    # it ran exactly the steps it was allowed
         assert load_trials(tmp_path)[t.id]["status"] == status   # written to its own file
 
 
@@ -100,7 +123,9 @@ def test_sweep_killed_then_resumed_does_not_redo_finished_trials(tmp_path):
     assert summary["resumed_trials"] == len(before)
     assert set(load_trials(out)) == {json.loads(v)["id"] for v in after.values()}
     rows = list(csv.DictReader((out / "sweep.csv").read_text().splitlines()))
-    assert len(rows) == 4 and {"batch", "optimizer", "steps_to_target", "best"} <= set(rows[0])
+    assert len(rows) == 4 and {"batch", "optimizer", "steps_to_target", "best", "cap"} <= set(rows[0])
+    # budget max(4 epochs, 0 steps): 4 epochs of 1500 // B steps
+    assert {int(r["batch"]): int(r["budget"]) for r in rows} == {32: 4 * 46, 64: 4 * 23}
     best = list(csv.DictReader((out / "best.csv").read_text().splitlines()))
     assert [int(b["batch"]) for b in best] == [32, 64] and all(b["steps_to_target"] for b in best)
     assert summary["knees"]["sgd"]["ref_batch"] == 32
@@ -115,3 +140,15 @@ def test_sweep_killed_then_resumed_does_not_redo_finished_trials(tmp_path):
     assert "Steps to target" in page and "Partial" not in page
     # other settings in the same directory are refused in one line
     assert main([a if a != "0.85" else "0.8" for a in args]) == 2
+    assert main(args + ["--budget-steps", "500"]) == 2
+    # a sweep started before --budget-steps existed (no such key in its spec) resumes with the default
+    from scalelab.lab.sweep import SweepSpec, _check_spec
+
+    spec_path = out / "sweep_spec.json"
+    old = json.loads(spec_path.read_text())
+    mine = SweepSpec(**old)
+    del old["budget_steps"]
+    spec_path.write_text(json.dumps(old))
+    _check_spec(mine, out)                                   # no error: the missing key is at its default
+    with pytest.raises(Exception, match="budget_steps"):
+        _check_spec(SweepSpec(**{**mine.__dict__, "budget_steps": 500}), out)

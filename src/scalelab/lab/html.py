@@ -72,8 +72,13 @@ def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool,
              f"<li>batches: {', '.join(map(str, batches))}</li>"
              f"<li>LR grid: guess x {', '.join(f'{m:g}' for m in spec['lr_mults'])} (up to {spec['extend']} "
              f"more points beyond an edge that wins); guesses: {html.escape(guesses)}</li>"
-             f"<li>warm-up epochs: {', '.join(f'{w:g}' for w in spec['warmups'])}; LR schedule after warm-up: "
-             f"{_fmt(base['recipe']['schedule'])}; budget {spec['budget_epochs']:g} epochs; evaluation every "
+             f"<li>warm-up epochs: {', '.join(f'{w:g}' for w in spec['warmups'])}"
+             + (f" (the first at every batch, the others from batch {spec['warmup_search_from']} on)"
+                if spec.get("warmup_search_from") and len(spec["warmups"]) > 1 else "")
+             + "; LR schedule after warm-up: "
+             f"{_fmt(base['recipe']['schedule'])}; budget {spec['budget_epochs']:g} epochs"
+             + (f", at least {spec['budget_steps']} steps" if spec.get("budget_steps") else "")
+             + f" (per batch: the budget column below); evaluation every "
              f"max(1, round({spec['eval_examples']}/B)) steps</li>"
              f"<li>training examples: {base['data']['n_train'] or 'dataset default'}; test examples: "
              f"{base['data']['n_test'] or 'dataset default'}</li>"
@@ -89,7 +94,9 @@ def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool,
             k = summary["knees"][o]
             ratio = k["ratios"].get(str(b))
             cls = "knee" if k["batch"] == b else ("off" if ratio is None or ratio > spec["tol"] else "")
-            h.append(f"<td class='{cls}'>{_fmt(row['steps_to_target'])}</td><td class='{cls}'>"
+            steps = (_fmt(row["steps_to_target"]) if row["steps_to_target"] is not None or not row.get("budget")
+                     else f"missed in {row['budget']}")
+            h.append(f"<td class='{cls}'>{steps}</td><td class='{cls}'>"
                      f"{_fmt(ratio, '.2f') if ratio is not None else ('–' if row['steps_to_target'] is None else '')}"
                      f"</td><td>{_fmt(row['lr'], '.3g')}</td>")
         h.append("</tr>")
@@ -107,7 +114,7 @@ def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool,
                  "B = tol&middot;b0 + (tol &minus; 1)&middot;B_noise.</p>")
     h.append("<table><tr><th>optimizer</th><th>measured knee</th><th>first batch off</th>"
              "<th>McCandlish fit B_noise (steps curve)</th><th>B_simple (noise scale)</th>"
-             "<th>knee predicted from B_simple</th></tr>")
+             "<th>knee predicted from B_simple</th><th>knee from the common reference</th></tr>")
     for o in opts:
         k = summary["knees"][o]
         pred = None
@@ -116,8 +123,14 @@ def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool,
         h.append(f"<tr><td>{_fmt(o)}</td><td>{_fmt(k['batch'])}</td><td>{_fmt(k['first_off'])}</td>"
                  f"<td>{_fmt(k['mccandlish_b_noise'], '.0f')}</td>"
                  f"<td>{_fmt(noise['predicted_critical_batch'], '.0f') if noise else '–'}</td>"
-                 f"<td>{_fmt(pred, '.0f')}</td></tr>")
+                 f"<td>{_fmt(pred, '.0f')}</td><td>{_fmt((k.get('common') or {}).get('batch'))}</td></tr>")
     h.append("</table>")
+    common = next((k["common"] for k in summary["knees"].values() if k.get("common")), None)
+    if common:
+        h.append(f"<p>The common reference is the fastest optimizer at the smallest batch ({common['ref_steps']} "
+                 f"steps at batch {common['ref_batch']}): perfect scaling from it is the same line for every "
+                 f"optimizer, so an optimizer that is slow at small batches does not get a late knee from its own "
+                 f"slow start.</p>")
 
     h.append("<h2>Plots</h2>")
     for p in plots:
@@ -128,7 +141,7 @@ def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool,
     h.append("<h2>Every trial</h2><details><summary>show all {} trials</summary><table><tr>".format(
         len(summary["trials"])))
     cols = ["optimizer", "batch", "warmup", "mult", "lr", "status", "steps_to_target", "steps", "cap",
-            "best_test_acc", "wall_s"]
+            "budget", "best_test_acc", "wall_s"]
     h += [f"<th>{c}</th>" for c in cols] + ["</tr>"]
     for r in summary["trials"]:
         style = " class='knee'" if r.get("best") else ""
@@ -155,6 +168,12 @@ def report_sweep(sweep_dir: Path) -> str:
             predicted[f"knee predicted by noise scale (B_simple={noise['predicted_critical_batch']:.0f})"] = (
                 predicted_knee(noise["predicted_critical_batch"], min(refs), summary["spec"]["tol"]))
     write_tables(summary, sweep_dir)
+    if not partial:  # sweep.json recomputed too (same trials; a newer scalelab may add fields), session info kept
+        from scalelab.lab.sweep import _write_json_atomic
+
+        old = json.loads((sweep_dir / "sweep.json").read_text())
+        summary.update({k: old[k] for k in ("wall_s_this_session", "resumed_trials") if k in old})
+        _write_json_atomic(sweep_dir / "sweep.json", summary)
     paths = plot_sweep(summary, sweep_dir / "plots", predicted)
     noise_plot = None
     if noise and (sweep_dir / "noise" / "noise.png").exists():

@@ -52,13 +52,18 @@ class Knee:
                            for b, r in self.ratios.items()}}
 
 
-def find_knee(batches: Sequence[float], steps: Sequence[float | None], tol: float = 1.25) -> Knee:
+def find_knee(batches: Sequence[float], steps: Sequence[float | None], tol: float = 1.25,
+              ref: tuple[float, float] | None = None) -> Knee:
     """The knee of a steps-to-target curve (see the module docstring for the definition).
 
     Args:
         batches: batch sizes (any order).
         steps: steps to the target at each batch; None (or inf/nan) where the target was not reached.
         tol: how far above the perfect-scaling line a point may lie and still count as perfect scaling.
+        ref: ``(b0, S0)`` to measure perfect scaling from instead of the curve's own smallest batch, e.g. the
+            fastest of several optimizers at the smallest batch (a common reference: an optimizer that is slow
+            at small batches does not get a high knee from its own slow start). The knee is then None when the
+            curve is off the line already at b0.
 
     Example:
         >>> k = find_knee([32, 64, 128, 256, 512], [1000, 500, 260, 170, 150])
@@ -71,10 +76,10 @@ def find_knee(batches: Sequence[float], steps: Sequence[float | None], tol: floa
         raise ValueError("batches and steps differ in length")
     pts = sorted(zip(batches, steps), key=lambda p: p[0])
     ok = [(b, s) for b, s in pts if s is not None and math.isfinite(s) and s > 0]
-    if not ok:
+    if not ok and ref is None:
         return Knee(None, None, None, tol)
-    b0, s0 = ok[0]
-    knee, first_off, on = b0, None, True
+    b0, s0 = ref if ref is not None else ok[0]
+    knee, first_off, on = (None if ref is not None else b0), None, True
     ratios: dict[float, float] = {}
     for b, s in pts:
         if b < b0:

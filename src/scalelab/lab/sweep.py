@@ -2,7 +2,7 @@
 
     scalelab sweep --config BASE.toml --batch 32..8192 --target-acc 0.98 --optimizers sgd,lars,lamb \\
                    [--lr-guess sgd=0.05@32:linear ...] [--lr-mults 0.5,1,2] [--budget-epochs 30] \\
-                   [--warmup-epochs 1] [--jobs 2] [--out DIR]
+                   [--budget-steps 400] [--warmup-epochs 1] [--jobs 2] [--out DIR]
 
 The measurement follows Shallue et al. 2018, "Measuring the Effects of Data Parallelism on Neural Network
 Training" (arXiv 1811.03600): for every batch size B and optimizer, train to a fixed test-accuracy goal with each
@@ -21,6 +21,12 @@ The search, per cell (optimizer, batch, warmup):
   ``--extend`` times per side (Shallue et al. check that the best point is not on the edge of the search
   space); when every point diverged it goes lower; when none reached the target, towards the edge point with
   the highest accuracy.
+
+The budget of a trial is ``max(round(budget_epochs * (N // B)), budget_steps)`` steps (N training examples):
+``--budget-epochs`` alone gives a large batch few steps (10 epochs of 45,000 examples are 50 steps at B = 8192),
+which says more about the budget than about the batch; ``--budget-steps`` guarantees every batch at least that
+many steps, and leaves the budget of the small batches, where the epochs give more, unchanged. Each trial
+records its ``budget`` and its ``cap`` (the steps it was allowed: the budget, or the pruning limit if lower).
 
 Every trial is a separate worker process (``train.threads=1``, no run directory), up to ``--jobs`` at a time
 (``--jobs 1`` runs them in the sweep's own process).
@@ -50,7 +56,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +108,12 @@ class SweepSpec:
         guesses: per optimizer, the LR guess (:class:`LRGuess` as a dict).
         lr_mults: multipliers of the guess that make the LR grid.
         warmups: warm-up lengths in epochs to search over (one value: no warm-up search).
-        budget_epochs: a trial that has not reached the target after this many epochs is ``missed``.
+        warmup_search_from: search the warm-ups after the first only at batches >= this (0: at every batch);
+            the first warm-up runs at every batch. Warm-up matters at large batches (Goyal et al. 2017, You
+            et al. 2017), and searching it only there saves the trials at the small ones.
+        budget_epochs: a trial that has not reached the target after this many epochs is ``missed`` ...
+        budget_steps: ... unless the epochs are fewer steps than this: a trial's budget is the larger of the two
+            (:meth:`budget`); 0 = epochs only.
         eval_examples: evaluate every ``max(1, round(eval_examples / B))`` steps (the steps resolution).
         extend: how many extra LR points the search may add beyond each edge of the grid.
         tol: the knee tolerance (see :mod:`scalelab.lab.knee`).
@@ -115,7 +126,9 @@ class SweepSpec:
     guesses: dict[str, dict[str, Any]]
     lr_mults: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     warmups: list[float] = field(default_factory=lambda: [1.0])
+    warmup_search_from: int = 0
     budget_epochs: float = 30.0
+    budget_steps: int = 0
     eval_examples: int = 2048
     extend: int = 2
     tol: float = 1.25
@@ -127,13 +140,26 @@ class SweepSpec:
             raise ConfigError("batch sizes and LR multipliers must be > 0")
         if not 0 < self.target_acc <= 1:
             raise ConfigError(f"--target-acc {self.target_acc}: allowed: > 0 and <= 1")
-        if self.budget_epochs <= 0 or self.eval_examples < 1 or self.extend < 0 or self.tol < 1:
-            raise ConfigError("need --budget-epochs > 0, --eval-examples >= 1, --extend >= 0, --tol >= 1")
+        if (self.budget_epochs <= 0 or self.budget_steps < 0 or self.eval_examples < 1 or self.extend < 0
+                or self.tol < 1):
+            raise ConfigError("need --budget-epochs > 0, --budget-steps >= 0, --eval-examples >= 1, --extend >= 0, "
+                              "--tol >= 1")
         self.batches = sorted(set(self.batches))
         self.lr_mults = sorted(set(self.lr_mults))
 
+    def cells(self) -> list[tuple[str, int, float]]:
+        """The (optimizer, batch, warm-up) cells, each with its own LR search."""
+        return [(o, b, w) for o in self.optimizers for b in self.batches for i, w in enumerate(self.warmups)
+                if i == 0 or b >= self.warmup_search_from]
+
     def guess(self, opt: str) -> LRGuess:
         return LRGuess(**self.guesses[opt])
+
+    def budget(self, batch: int, n_train: int) -> int:
+        """A trial's budget in steps at ``batch`` with ``n_train`` training examples: the larger of
+        ``budget_epochs`` epochs (counted as the trainer counts them, ``round(epochs * (n_train // batch))``)
+        and ``budget_steps``."""
+        return max(1, round(self.budget_epochs * (n_train // batch)), self.budget_steps)
 
     def eval_every(self, batch: int) -> int:
         return max(1, round(self.eval_examples / batch))
@@ -162,8 +188,9 @@ class Trial:
         return self.optimizer, self.batch, self.warmup
 
 
-def trial_config(spec: SweepSpec, trial: Trial, cap: int | None) -> dict[str, Any]:
-    """The full config dict of one trial (the base with the trial's fields set)."""
+def trial_config(spec: SweepSpec, trial: Trial, cap: int | None, budget: int) -> dict[str, Any]:
+    """The full config dict of one trial (the base with the trial's fields set): it runs ``budget`` steps, or
+    ``cap`` (the pruning limit) if that is fewer."""
     from scalelab.config import from_dict
 
     d = json.loads(json.dumps(spec.base))
@@ -172,8 +199,8 @@ def trial_config(spec: SweepSpec, trial: Trial, cap: int | None) -> dict[str, An
     if trial.optimizer == "sgd" and d["recipe"]["momentum"] == 0:
         d["recipe"]["nesterov"] = False
     d["train"].update(batch_size=trial.batch, target_acc=spec.target_acc, epochs=spec.budget_epochs,
-                      max_steps=cap or 0, eval_every=spec.eval_every(trial.batch), threads=1, progress=False,
-                      name=trial.id)
+                      max_steps=min(cap, budget) if cap else budget, eval_every=spec.eval_every(trial.batch),
+                      threads=1, progress=False, name=trial.id)
     from_dict(d)  # validate here, in the parent, so a bad combination fails before any process starts
     return d
 
@@ -182,8 +209,11 @@ def trial_config(spec: SweepSpec, trial: Trial, cap: int | None) -> dict[str, An
 _DATA_CACHE: dict[str, Any] = {}
 
 
-def run_trial(trial: Trial, cfg_dict: dict[str, Any], cap: int | None, out: str) -> dict[str, Any]:
+def run_trial(trial: Trial, cfg_dict: dict[str, Any], cap: int | None, budget: int, out: str) -> dict[str, Any]:
     """Train one trial and write its result atomically to ``out/trials/<id>.json``; returns the result.
+
+    ``cap`` is the pruning limit (None: none), ``budget`` the trial's step budget: a trial that stops at the
+    pruning limit is ``pruned``, one that used its budget ``missed``.
 
     Runs in a worker process; the trainer's printed lines go to ``out/trials/<id>.log``.
     """
@@ -192,7 +222,8 @@ def run_trial(trial: Trial, cfg_dict: dict[str, Any], cap: int | None, out: str)
     from scalelab.train import train
 
     tdir = Path(out) / "trials"
-    result: dict[str, Any] = {"id": trial.id, **asdict(trial), "cap": cap, "status": "error",
+    limit = min(cap, budget) if cap else budget
+    result: dict[str, Any] = {"id": trial.id, **asdict(trial), "cap": limit, "budget": budget, "status": "error",
                               "steps_to_target": None, "examples_to_target": None, "time_to_target_s": None,
                               "steps": None, "final_test_acc": None, "best_test_acc": None, "error": None}
     log = io.StringIO()
@@ -211,7 +242,7 @@ def run_trial(trial: Trial, cfg_dict: dict[str, Any], cap: int | None, out: str)
                               examples_to_target=s["steps_to_target"] * trial.batch,
                               time_to_target_s=s["time_to_target_s"])
             else:
-                result["status"] = "pruned" if cap and s["steps"] >= cap else "missed"
+                result["status"] = "pruned" if limit < budget and s["steps"] >= limit else "missed"
         except DivergenceError as e:
             result.update(status="diverged", error=str(e))
         except Exception as e:  # a trial's failure is a result of the sweep; the traceback goes to its log
@@ -330,6 +361,10 @@ def _check_spec(spec: SweepSpec, out: Path) -> None:
         for sec, table in mine["base"].items():
             for k in set(table) - set(theirs.get("base", {}).get(sec, {})):
                 theirs.setdefault("base", {}).setdefault(sec, {})[k] = table[k]
+        # ... nor do sweep settings added since, when this sweep leaves them at their defaults
+        for k, f in SweepSpec.__dataclass_fields__.items():
+            if k not in theirs and f.default is not MISSING and mine[k] == f.default:
+                theirs[k] = mine[k]
         if theirs != mine:
             keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise ConfigError(f"--out {out} holds a sweep with other settings ({', '.join(keys)} differ); "
@@ -356,9 +391,10 @@ def run_sweep(spec: SweepSpec, out: str | Path, jobs: int = 0, progress: bool = 
     out = Path(out)
     _check_spec(spec, out)
     jobs = jobs or os.cpu_count() or 1
-    load_dataset(from_dict(spec.base).data)  # generate/cache the data once, here, not in every worker
+    # generate/cache the data once, here, not in every worker; its size sets the budgets in epochs
+    n_train = len(load_dataset(from_dict(spec.base).data).y_train)
     done = load_trials(out)
-    cells = [(o, b, w) for o in spec.optimizers for b in spec.batches for w in spec.warmups]
+    cells = spec.cells()
     by_cell: dict[tuple, list[dict]] = {c: [] for c in cells}
     for r in done.values():
         key = (r["optimizer"], r["batch"], r["warmup"])
@@ -390,7 +426,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, jobs: int = 0, progress: bool = 
                 t = ready.pop(0)
                 best = best_of(by_cell[t.cell])
                 cap = best["steps_to_target"] if best is not None and spec.prunable else None
-                running[ex.submit(run_trial, t, trial_config(spec, t, cap), cap, str(out))] = t
+                budget = spec.budget(t.batch, n_train)
+                running[ex.submit(run_trial, t, trial_config(spec, t, cap, budget), cap, budget, str(out))] = t
             if not running:
                 break
             finished, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
@@ -399,7 +436,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, jobs: int = 0, progress: bool = 
                 try:
                     r = fut.result()
                 except Exception as e:  # the worker process died (killed, out of memory): record and go on
-                    r = {"id": t.id, **asdict(t), "cap": None, "status": "error", "steps_to_target": None,
+                    r = {"id": t.id, **asdict(t), "cap": None, "budget": None, "status": "error",
+                         "steps_to_target": None,
                          "error": f"worker died: {type(e).__name__}: {e}"[:300]}
                     (out / "trials").mkdir(exist_ok=True)
                     _write_json_atomic(out / "trials" / f"{t.id}.json", r)
@@ -429,15 +467,17 @@ def summarize(spec: SweepSpec, trials: list[dict[str, Any]]) -> dict[str, Any]:
     from scalelab.lab.knee import find_knee, fit_mccandlish
 
     trials = sorted(trials, key=lambda r: (r["optimizer"], r["batch"], r["warmup"], r["mult"]))
-    best_rows, knees = [], {}
+    best_rows, knees, curves = [], {}, {}
     for opt in spec.optimizers:
         steps = []
         for b in spec.batches:
             cell = [r for r in trials if r["optimizer"] == opt and r["batch"] == b]
             best = best_of(cell)
             statuses = {s: sum(r["status"] == s for r in cell) for s in ("reached",) + FAILED}
+            budgets = [r["budget"] for r in cell if r.get("budget")]
             row = {"batch": b, "optimizer": opt, "steps_to_target": None, "examples_to_target": None,
                    "time_to_target_s": None, "lr": None, "warmup": None, "trials": len(cell),
+                   "budget": max(budgets) if budgets else None,
                    **{f"n_{k}": v for k, v in statuses.items()}}
             if best is not None:
                 row.update(steps_to_target=best["steps_to_target"], examples_to_target=best["examples_to_target"],
@@ -450,6 +490,15 @@ def summarize(spec: SweepSpec, trials: list[dict[str, Any]]) -> dict[str, Any]:
         fit = fit_mccandlish(spec.batches, steps)
         knees[opt] = {**knee.to_dict(),
                       "mccandlish_b_noise": fit[0] if fit else None, "mccandlish_s_min": fit[1] if fit else None}
+        curves[opt] = steps
+    # the common reference: the fewest steps any optimizer needed at the smallest batch any of them reached
+    firsts = [(b, s) for steps in curves.values() for b, s in zip(spec.batches, steps) if s is not None]
+    if firsts:
+        b0 = min(b for b, _ in firsts)
+        ref = (b0, min(s for b, s in firsts if b == b0))
+        for opt, steps in curves.items():
+            common = find_knee(spec.batches, steps, spec.tol, ref=ref).to_dict()
+            knees[opt]["common"] = {k: common[k] for k in ("batch", "ref_batch", "ref_steps", "first_off", "ratios")}
     best_ids = set()
     for row in best_rows:
         cell = [r for r in trials if r["optimizer"] == row["optimizer"] and r["batch"] == row["batch"]]
@@ -463,10 +512,10 @@ def summarize(spec: SweepSpec, trials: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 CSV_COLUMNS = ["batch", "optimizer", "steps_to_target", "lr", "mult", "warmup", "status", "best",
-               "examples_to_target", "time_to_target_s", "steps", "cap", "final_test_acc", "best_test_acc",
+               "examples_to_target", "time_to_target_s", "steps", "cap", "budget", "final_test_acc", "best_test_acc",
                "wall_s", "id", "error"]
 BEST_COLUMNS = ["batch", "optimizer", "steps_to_target", "steps", "examples_to_target", "time_to_target_s", "lr",
-                "warmup", "trials", "n_reached", "n_diverged", "n_missed", "n_pruned", "n_error"]
+                "warmup", "budget", "trials", "n_reached", "n_diverged", "n_missed", "n_pruned", "n_error"]
 
 
 def write_outputs(spec: SweepSpec, summary: dict[str, Any], out: Path) -> list[Path]:
@@ -510,7 +559,8 @@ def format_table(summary: dict[str, Any]) -> str:
         for o in opts:
             row = next(r for r in summary["best"] if r["batch"] == b and r["optimizer"] == o)
             s = row["steps_to_target"]
-            cells.append(f"{s:>8} (lr {row['lr']:.3g})" if s is not None else f"{'-':>8} {'(none)':>9}")
+            cells.append(f"{s:>8} (lr {row['lr']:.3g})" if s is not None
+                         else f"missed in {row['budget']}" if row.get("budget") else f"{'-':>8} {'(none)':>9}")
         lines.append(f"{b:>7}  " + "  ".join(f"{c:>18}" for c in cells))
     lines.append("")
     for o in opts:
@@ -518,6 +568,10 @@ def format_table(summary: dict[str, Any]) -> str:
         fit = (f", McCandlish fit B_noise {k['mccandlish_b_noise']:.0f}" if k["mccandlish_b_noise"] else "")
         lines.append(f"{o}: knee at batch {k['batch']} (steps within {k['tol']:g}x of perfect scaling from batch "
                      f"{k['ref_batch']}; first batch off: {k['first_off']}){fit}")
+        if k.get("common"):
+            c = k["common"]
+            lines.append(f"{o}: from the common reference ({c['ref_steps']} steps at batch {c['ref_batch']}, the "
+                         f"fastest there): knee {c['batch']}, first batch off: {c['first_off']}")
     c = summary["counts"]
     lines.append("trials: " + ", ".join(f"{v} {k}" for k, v in c.items()))
     return "\n".join(lines)
@@ -563,7 +617,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "lies on it (default 2)")
     p.add_argument("--warmup-epochs", default=None, help="warm-up lengths to search, e.g. 0.5,2 (default: "
                    "the base config's)")
+    p.add_argument("--warmup-search-from", type=int, default=0, metavar="BATCH", help="search the warm-ups "
+                   "after the first only at batches >= BATCH (default 0: at every batch)")
     p.add_argument("--budget-epochs", type=float, default=30.0, help="epochs after which a trial is 'missed'")
+    p.add_argument("--budget-steps", type=int, default=0, help="but at least this many steps: a trial's budget "
+                   "is max(budget-epochs in steps, budget-steps), so large batches get steps enough (default 0)")
     p.add_argument("--eval-examples", type=int, default=2048, help="evaluate every max(1, round(this / B)) "
                    "steps (default 2048)")
     p.add_argument("--tol", type=float, default=1.25, help="knee tolerance over perfect scaling (default 1.25)")
@@ -591,12 +649,15 @@ def spec_from_args(args) -> SweepSpec:
             raise ConfigError(f"--lr-guess {item!r}: expected OPT=LR@BATCH[:RULE] with OPT one of {', '.join(opts)}")
         guesses[opt] = LRGuess.parse(rest)
     warmups = _floats(args.warmup_epochs, "--warmup-epochs") if args.warmup_epochs else [cfg.recipe.warmup_epochs]
-    if any(w < 0 for w in warmups):
-        raise ConfigError("--warmup-epochs must be >= 0")
+    if any(w < 0 for w in warmups) or len(set(warmups)) < len(warmups):
+        raise ConfigError("--warmup-epochs must be >= 0 and distinct")
+    if args.warmup_search_from < 0:
+        raise ConfigError(f"--warmup-search-from {args.warmup_search_from}: must be >= 0")
     return SweepSpec(base=cfg.to_dict(), batches=parse_batches(args.batch), optimizers=opts,
                      target_acc=args.target_acc, guesses={o: asdict(g) for o, g in guesses.items()},
                      lr_mults=_floats(args.lr_mults, "--lr-mults"), warmups=warmups,
-                     budget_epochs=args.budget_epochs, eval_examples=args.eval_examples, extend=args.extend,
+                     warmup_search_from=args.warmup_search_from, budget_epochs=args.budget_epochs,
+                     budget_steps=args.budget_steps, eval_examples=args.eval_examples, extend=args.extend,
                      tol=args.tol)
 
 

@@ -2,7 +2,9 @@
 
 * ``steps_to_target.png``: best steps-to-target against batch on log-log axes, one line per optimizer, each with
   its perfect-scaling line (slope -1 through the smallest batch that reached the target) and its knee marked;
-  where a noise-scale measurement exists, the knee it predicts is drawn as a vertical line.
+  where a noise-scale measurement exists, the knee it predicts is drawn as a vertical line. A batch where no LR
+  reached the target is drawn as an open triangle at its step budget ("missed within the budget": the steps
+  needed there are more than that, if the target is reachable at all).
 * ``examples_to_target.png``: examples (steps x batch) to the target against batch; flat under perfect scaling.
 * ``best_lr.png``: the fastest learning rate against batch.
 """
@@ -38,6 +40,11 @@ def plot_sweep(summary: dict[str, Any], out: Path, predicted: dict[str, float] |
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     for i, opt in enumerate(spec["optimizers"]):
         c = COLORS[i % len(COLORS)]
+        missed = [r for r in summary["best"] if r["optimizer"] == opt and r["steps_to_target"] is None
+                  and r.get("budget")]
+        if missed:
+            ax.plot([r["batch"] for r in missed], [r["budget"] for r in missed], "^", color=c, mfc="none",
+                    markersize=9, label=f"{opt}: missed within the budget")
         b, s = _series(summary, opt, "steps_to_target")
         if not b:
             continue
