@@ -99,6 +99,8 @@ def test_world_size_one_through_the_launcher_is_the_plain_run(tmp_path, cache_di
     save_config(cfg, out / "config.toml")
     os.environ["SCALELAB_CACHE"] = str(cache_dir)
     launch_workers(["train", "--config", str(out / "config.toml"), "--out", str(out)], nproc=1)
+    # the launcher's variables were for its workers: a later plain run from this process prints its summary
+    assert "SCALELAB_LAUNCHER" not in os.environ
     plain = _params(_emulated(tmp_path, 1, BASE))
     for name, p in plain.items():
         assert torch.equal(_params(out)[name], p), name

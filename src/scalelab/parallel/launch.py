@@ -17,11 +17,13 @@ resume from the latest checkpoint on the new world size (see ``parallel.resize``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from scalelab.errors import ConfigError, DivergenceError, ScalelabError
@@ -31,6 +33,21 @@ class WorkerFailure(ScalelabError):
     """A worker failed and the restarts allowed were used up."""
 
     exit_code = 1
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore the previous values."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def free_port() -> int:
@@ -76,13 +93,15 @@ def launch_workers(worker_args: list[str], nproc: int, max_restarts: int = 0, ou
         rdzv_endpoint=rdzv_endpoint or f"127.0.0.1:{free_port()}", max_restarts=max_restarts,
         monitor_interval=0.1 if nnodes == (1, 1) else 0.5,
         rdzv_configs={"last_call_timeout": last_call_s, "join_timeout": 600})
-    os.environ["SCALELAB_LAUNCHER"] = "1"  # workers inherit it: the parent prints the summary, not rank 0
-    # torch 2.13: with the agents' TCP store shared with the workers (the default), a node that joins a running
-    # job waits forever for MASTER_ADDR, because the rank-0 agent publishes it only at its first rendezvous.
-    # Without sharing, rank 0 publishes it at every rendezvous and the workers get a fresh store each round.
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # SCALELAB_LAUNCHER: the parent prints the summary, not rank 0. TORCH_DISABLE_SHARE_RDZV_TCP_STORE: with
+    # torch 2.13 and the agents' TCP store shared with the workers (the default), a node that joins a running
+    # job waits forever for MASTER_ADDR, because the rank-0 agent publishes it only at its first rendezvous;
+    # without sharing, rank 0 publishes it at every rendezvous and the workers get a fresh store each round.
+    env = {"SCALELAB_LAUNCHER": "1",
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")}
     try:
-        elastic_launch(config, sys.executable)("-m", "scalelab", *worker_args)
+        with _environment(env):  # the agent and its workers inherit them; the caller's environment is restored
+            elastic_launch(config, sys.executable)("-m", "scalelab", *worker_args)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         if failure.exitcode == DivergenceError.exit_code:
