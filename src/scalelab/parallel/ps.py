@@ -192,6 +192,7 @@ class ParameterServer(RunBase):
         self.pairs: dict[int, Any] = {}
         self.gen: dict[int, int] = {}
         self.live: set[int] = set()
+        self.joining: set[int] = set()  # accepted, hello not yet received: the job does not end under them
         self.ever: set[int] = set()
         self.outstanding: dict[int, int] = {}
         self.requeue: list[int] = []
@@ -203,6 +204,7 @@ class ParameterServer(RunBase):
         self.hist: Counter = Counter()
         self.max_ahead = 0
         self.sending: dict[int, tuple] = {}
+        self.retired: list[Any] = []  # pairs and sends of lost generations, kept so that no destructor waits on them
         self.threads: list[tuple[int, int, threading.Thread]] = []  # (client, generation, reader)
         self.stopping = False
         self._iv = self._interval()
@@ -223,11 +225,12 @@ class ParameterServer(RunBase):
     def _lose(self, c: int, why: str) -> None:
         """Client ``c`` is gone (its pair broke, or its group restarted): its ticket goes back to the queue, SSP
         stops waiting for it, and (server 0) the log and the counters say so."""
+        self.joining.discard(c)
         if c not in self.live:
             return
         self.live.discard(c)
         self.blocked.discard(c)
-        self.sending.pop(c, None)  # a reply it will never read: do not wait for it
+        self.retired.append(self.sending.pop(c, None))  # a reply it will never read: do not wait for it
         if c in self.outstanding:
             self.requeue.append(self.outstanding.pop(c))
         if self.s == 0:
@@ -252,8 +255,10 @@ class ParameterServer(RunBase):
             self._lose(c, "its group restarted")
             rejoin = c in self.ever
             self.gen[c] = gen
+            self.joining.add(c)
             store.set(f"ack/{self.s}/{c}/{gen}", "1")
             pg = _pair(store, self.s, c, gen, 0, self.rt.timeout_s)
+            self.retired.append(self.pairs.get(c))
             self.pairs[c] = pg
             th = threading.Thread(target=self._reader, args=(c, gen, pg), daemon=True)
             th.start()
@@ -436,7 +441,7 @@ class ParameterServer(RunBase):
             if now - last_poll > 0.1 or len(self.ever) < g.clients:
                 self._poll_joins()
                 last_poll = now
-            if self.s == 0 and self._exhausted() and not self.live and self.ever:
+            if self.s == 0 and self._exhausted() and not self.live and not self.joining and self.ever:
                 break
             if self.s != 0 and not self.live and self.ever and self.rt.store.check([done_key]):
                 break
@@ -458,6 +463,7 @@ class ParameterServer(RunBase):
                 # a worker that (re)joins starts at the slowest live clock, so SSP does not wait for its past
                 self.clock[cl] = max(self.clock.get(cl, 0), self._min_clock())
                 self.live.add(cl)
+                self.joining.discard(cl)
                 self.ever.add(cl)
                 if started:
                     self._grant(cl)
@@ -599,6 +605,8 @@ def worker_loop(trainer, rt: Runtime, gen: int, formation=None) -> None:
                 deadline = time.monotonic() + rt.timeout_s
                 while not store.check([f"ack/{s}/{client}/{life_gen}"]):
                     if store.check(["done"]):  # rejoining a job that has just finished: nothing left to do
+                        if group is not None:  # tell the members, who wait for the first pull
+                            group.broadcast(torch.tensor([0, STOP], dtype=torch.float64), 0).wait()
                         return
                     if time.monotonic() > deadline:
                         raise ScalelabError(f"server {s} did not accept worker {w} within parallel.timeout_s="
@@ -698,11 +706,21 @@ def worker_loop(trainer, rt: Runtime, gen: int, formation=None) -> None:
             life(k, group)
             return
         except RuntimeError as e:  # a member died: the all-reduce or broadcast (or the leader's pair) broke
+            if _server_gone(store):
+                return
             print(f"scalelab: worker rank {rt.rank}: group {client} lost a member at formation {k} "
                   f"({str(e).splitlines()[0][:120]}); the group restarts from the server's parameters",
                   file=sys.stderr, flush=True)
             _retire(store, key, k)
         group = None  # closes this formation's connections (and, at the leader, its pairs to the servers)
+
+
+def _server_gone(store) -> bool:
+    """The job has ended, or server 0 (which hosts the store) is gone: a worker has nothing left to do."""
+    try:
+        return store.check(["done"])
+    except RuntimeError:
+        return True
 
 
 def _worker_child(trainer, gen: int, formation=None) -> None:
@@ -716,6 +734,10 @@ def _worker_child(trainer, gen: int, formation=None) -> None:
         print(f"scalelab: error: worker rank {rt.rank}: {e}", file=sys.stderr, flush=True)
         os._exit(1)
     except RuntimeError as e:
+        if getattr(rt, "store", None) is not None and _server_gone(rt.store):
+            # a connection broke because the job ended meanwhile (a group restarting at the very end); if the
+            # server died instead, the launcher reports the server's failure
+            os._exit(0)
         print(f"scalelab: error: worker rank {rt.rank}: {str(e).splitlines()[0][:200]}", file=sys.stderr,
               flush=True)
         os._exit(1)
