@@ -7,8 +7,8 @@
 - SSP never lets a worker run more than s clocks ahead of the slowest (from the logs), and async without the
   bound does, under the same straggler (so the check is not vacuous);
 - staleness-aware LR divides each gradient's LR by its staleness;
-- local SGD with H = 1 equals synchronous data parallelism at 1 and 2 workers; post-local SGD is sync, then local
-  (and differs from sync);
+- local SGD with H = 1 equals synchronous data parallelism; post-local SGD with 2 workers is sync up to its switch,
+  then exactly local SGD as computed by hand on 2 model copies (and differs from sync);
 - hybrid with a single group equals synchronous data parallelism;
 - a dead worker does not stop an async job (it rejoins), nor a hybrid one (its group restarts and rejoins while
   the other group goes on).
@@ -206,27 +206,75 @@ def _sync(tmp_path, cache_dir):
     return _in_process(cache_dir, BASE, tmp_path / "sync")
 
 
-def test_local_sgd_with_h1_is_sync_data_parallel(cli, tmp_path, cache_dir):
+def test_local_sgd_with_h1_is_sync_data_parallel(tmp_path, cache_dir):
     """Averaging the models after every local step of SGD with momentum (linear in the gradient) gives the
-    parameters of averaging the gradients: sync DP up to rounding, with 1 and 2 workers."""
+    parameters of averaging the gradients: sync DP up to rounding (the emulation below checks 2 workers)."""
     sync = _params(_sync(tmp_path, cache_dir))
     local = _in_process(cache_dir, BASE + ["parallel.mode=localsgd", "parallel.local_period=1"], tmp_path / "l1")
     _assert_same(_params(local), sync)
-    out = _train(cli, tmp_path, 2, BASE + ["parallel.mode=localsgd", "parallel.local_period=1"])[0]
-    _assert_same(_params(out), sync)
-    assert _summary(out)["averagings"] == 20
+    cfg = load_config(None, BASE)
+    _assert_same(_local_sgd_by_hand(cfg, workers=2, H=1, t0=0), sync)
+
+
+def _local_sgd_by_hand(cfg, workers: int, H: int, t0: int) -> dict:
+    """Post-local SGD as Lin et al. 2020 write it, on ``workers`` model copies in this process: every copy takes
+    its B / N share of each global batch and steps with its own optimizer; for the first ``t0`` steps the
+    gradients are averaged (sync SGD), then the models are averaged every ``H`` steps. Returns the average model."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from scalelab.data import batch_indices, epoch_order, load_dataset, steps_per_epoch
+    from scalelab.models import build_model
+    from scalelab.recipe import build_optimizer, build_schedule
+
+    data = load_dataset(cfg.data)
+    x, y, B, steps = data.x_train.double(), data.y_train, cfg.train.batch_size, cfg.train.max_steps
+    spe = steps_per_epoch(len(x), B)
+    torch.manual_seed(cfg.train.seed)
+    models = [build_model(cfg.model, data.input_shape, data.num_classes).double()]
+    models += [copy.deepcopy(models[0]) for _ in range(workers - 1)]
+    opts = [build_optimizer(cfg.recipe, m, spe, global_batch=B) for m in models]
+    sched = build_schedule(cfg.recipe, B, spe, steps)
+
+    def average(tensors):
+        mean = sum(t.detach() for t in tensors) / workers
+        for t in tensors:
+            t.data.copy_(mean)
+
+    for step in range(steps):
+        epoch, k = divmod(step, spe)
+        order = epoch_order(len(x), cfg.train.seed, epoch)
+        for r, (m, opt) in enumerate(zip(models, opts)):
+            idx = batch_indices(order, k, B, r, workers)
+            for g in opt.param_groups:
+                g["lr"] = sched(step)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x[idx]), y[idx]).backward()
+        if step < t0:
+            for ps in zip(*(m.parameters() for m in models)):
+                average([p.grad for p in ps])
+        for opt in opts:
+            opt.step()
+        if step + 1 > t0 and (step + 1 - t0) % H == 0:
+            for ps in zip(*(m.parameters() for m in models)):
+                average(list(ps))
+    for ps in zip(*(m.parameters() for m in models)):
+        average(list(ps))
+    return {k: v.detach().clone() for k, v in models[0].state_dict().items()}
 
 
 def test_post_local_sgd_is_sync_then_local(cli, tmp_path, cache_dir):
-    """Post-local SGD switching at step 10 with H = 4: at step 10 (synchronous phase) the parameters are sync's;
-    at step 20 the workers have drifted apart between 2 averagings and the result differs from sync (so the H = 1
-    equality above is not vacuous)."""
+    """Post-local SGD with 2 workers, switching at step 10, H = 4: at step 10 (synchronous phase) the parameters
+    are sync's; at step 20 they are those of post-local SGD computed by hand (2 averagings, at steps 14 and 18, and
+    the average of the 2 drifted models at 20), which differ from sync's (so the H = 1 equality is not vacuous)."""
     sync_dir = _sync(tmp_path, cache_dir)
-    out = _train(cli, tmp_path, 2, BASE + ["parallel.mode=localsgd", "parallel.local_period=4",
-                                                "parallel.local_start_step=10"])[0]
+    over = BASE + ["parallel.mode=localsgd", "parallel.local_period=4", "parallel.local_start_step=10"]
+    out = _train(cli, tmp_path, 2, over)[0]
     _assert_same(_params(out, 10), _params(sync_dir, 10))
-    sync, post = _params(sync_dir), _params(out)
-    assert max((post[n] - p).abs().max().item() for n, p in sync.items()) > 1e-4
+    post = _params(out)
+    _assert_same(post, _local_sgd_by_hand(load_config(None, over), workers=2, H=4, t0=10))
+    assert max((post[n] - p).abs().max().item() for n, p in _params(sync_dir).items()) > 1e-4
     assert _summary(out)["averagings"] == 2
 
 
