@@ -214,7 +214,8 @@ class ParameterServer(RunBase):
 
     @staticmethod
     def _interval() -> dict[str, Any]:
-        return {"loss": 0.0, "correct": 0.0, "count": 0.0, "taus": [], "ahead": 0, "t0": time.perf_counter()}
+        return {"loss": 0.0, "correct": 0.0, "count": 0.0, "taus": [], "ahead": 0, "lr_min": math.inf,
+                "t0": time.perf_counter()}
 
     # ---- membership -----------------------------------------------------------------------------------
     def _who(self, c: int) -> str:
@@ -349,6 +350,7 @@ class ParameterServer(RunBase):
         lr = self.sched(self.version)
         if cfg.parallel.staleness_lr:
             lr /= max(tau, 1)
+        self._iv["lr_min"] = min(self._iv["lr_min"], lr)
         for grp in self.opt.param_groups:
             grp["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
@@ -412,7 +414,7 @@ class ParameterServer(RunBase):
         n = len(iv["taus"])
         self.tracker.log("train", self.version, epoch=self.version / self.spe,
                          loss=iv["loss"] / max(iv["count"], 1), acc=iv["correct"] / max(iv["count"], 1),
-                         lr=self.last_lr, samples=c.samples_seen,
+                         lr=self.last_lr, lr_min=iv["lr_min"], samples=c.samples_seen,
                          samples_per_s=n * self.geo.update_batch / dt if dt > 0 else 0.0,
                          train_s=c.train_s, wall_s=c.train_s + c.eval_s + c.ckpt_s,
                          staleness_mean=sum(iv["taus"]) / n, staleness_max=max(iv["taus"]),
