@@ -157,7 +157,8 @@ class ParallelConfig:
     local_period: int = _f(4, lo=1, doc="localsgd: average the models every H local steps")
     local_start_step: int = _f(0, lo=0, doc="localsgd: synchronous SGD before this step, local SGD after "
                                             "(post-local SGD); 0 = local from the start")
-    rejoin: int = _f(3, lo=0, doc="async/ssp: times a dead worker is restarted to rejoin the job")
+    rejoin: int = _f(3, lo=0, doc="async/ssp/hybrid: times a dead worker is restarted to rejoin the job "
+                                  "(hybrid: with its group)")
 
 
 @dataclass

@@ -37,6 +37,14 @@ Transport: torch.distributed gloo point-to-point. Each (server, client) pair has
 it, hands its batch to another worker and goes on, and the worker (restarted by its supervising process up to
 ``parallel.rejoin`` times) joins again with a new pair. A dead server ends the job (its parameters are gone);
 the last checkpoint stays intact and ``--resume`` continues from it.
+
+Hybrid faults: a group whose member dies cannot finish its all-reduce, so the group restarts as a whole while
+the other groups go on. Each group forms in numbered *formations* (a counter in the store); a member that sees
+its group's communication fail, or a member restarted after it died, retires the formation (compare-and-set
+``k`` to ``k + 1``, the same result whoever does it first) and every member joins formation ``k + 1`` with a new
+group process group. Its leader joins the servers as a new generation of the client, the server counts the old
+one as lost (its ticket goes to another group) and the new one as a rejoin, and the members start from the
+server's parameters (which hold the model): only the group's gradient in flight is lost.
 """
 
 from __future__ import annotations
@@ -184,6 +192,7 @@ class ParameterServer(RunBase):
         self.pairs: dict[int, Any] = {}
         self.gen: dict[int, int] = {}
         self.live: set[int] = set()
+        self.joining: set[int] = set()  # accepted, hello not yet received: the job does not end under them
         self.ever: set[int] = set()
         self.outstanding: dict[int, int] = {}
         self.requeue: list[int] = []
@@ -195,7 +204,8 @@ class ParameterServer(RunBase):
         self.hist: Counter = Counter()
         self.max_ahead = 0
         self.sending: dict[int, tuple] = {}
-        self.threads: list[threading.Thread] = []
+        self.retired: list[Any] = []  # pairs and sends of lost generations, kept so that no destructor waits on them
+        self.threads: list[tuple[int, int, threading.Thread]] = []  # (client, generation, reader)
         self.stopping = False
         self._iv = self._interval()
         if g.S > 1:
@@ -204,9 +214,34 @@ class ParameterServer(RunBase):
 
     @staticmethod
     def _interval() -> dict[str, Any]:
-        return {"loss": 0.0, "correct": 0.0, "count": 0.0, "taus": [], "ahead": 0, "t0": time.perf_counter()}
+        return {"loss": 0.0, "correct": 0.0, "count": 0.0, "taus": [], "ahead": 0, "lr_min": math.inf,
+                "t0": time.perf_counter()}
 
     # ---- membership -----------------------------------------------------------------------------------
+    def _who(self, c: int) -> str:
+        g = self.geo
+        first = g.S + c * g.G
+        return f"worker {c} (rank {first})" if g.G == 1 else f"group {c} (ranks {first}-{first + g.G - 1})"
+
+    def _lose(self, c: int, why: str) -> None:
+        """Client ``c`` is gone (its pair broke, or its group restarted): its ticket goes back to the queue, SSP
+        stops waiting for it, and (server 0) the log and the counters say so."""
+        self.joining.discard(c)
+        if c not in self.live:
+            return
+        self.live.discard(c)
+        self.blocked.discard(c)
+        self.retired.append(self.sending.pop(c, None))  # a reply it will never read: do not wait for it
+        if c in self.outstanding:
+            self.requeue.append(self.outstanding.pop(c))
+        if self.s == 0:
+            self.deaths += 1
+            what = "worker(s)" if self.geo.G == 1 else "group(s)"
+            self.log(f"{self._who(c)} is gone at step {self.version} ({why}); the other {len(self.live)} {what} "
+                     f"go on")
+            self.tracker.log("worker_lost", self.version, worker=c, live=len(self.live))
+            self._release()
+
     def _poll_joins(self) -> None:
         store = self.rt.store
         for c in range(self.geo.clients):
@@ -216,17 +251,22 @@ class ParameterServer(RunBase):
             gen = int(store.get(key))
             if self.gen.get(c) == gen:
                 continue
+            # a new generation while the old one still counts as live: the group restarted without its leader's
+            # pair breaking (another member died); the old generation is lost
+            self._lose(c, "its group restarted")
             rejoin = c in self.ever
             self.gen[c] = gen
+            self.joining.add(c)
             store.set(f"ack/{self.s}/{c}/{gen}", "1")
             pg = _pair(store, self.s, c, gen, 0, self.rt.timeout_s)
+            self.retired.append(self.pairs.get(c))
             self.pairs[c] = pg
             th = threading.Thread(target=self._reader, args=(c, gen, pg), daemon=True)
             th.start()
-            self.threads.append(th)
+            self.threads.append((c, gen, th))
             if rejoin and self.s == 0:
                 self.rejoins += 1
-                self.log(f"worker {c} (rank {self.geo.S + c * self.geo.G}) rejoined at step {self.version}")
+                self.log(f"{self._who(c)} rejoined at step {self.version}")
                 self.tracker.log("rejoin", self.version, worker=c, gen=gen)
 
     def _reader(self, c: int, gen: int, pg) -> None:
@@ -310,6 +350,7 @@ class ParameterServer(RunBase):
         lr = self.sched(self.version)
         if cfg.parallel.staleness_lr:
             lr /= max(tau, 1)
+        self._iv["lr_min"] = min(self._iv["lr_min"], lr)
         for grp in self.opt.param_groups:
             grp["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
@@ -373,7 +414,7 @@ class ParameterServer(RunBase):
         n = len(iv["taus"])
         self.tracker.log("train", self.version, epoch=self.version / self.spe,
                          loss=iv["loss"] / max(iv["count"], 1), acc=iv["correct"] / max(iv["count"], 1),
-                         lr=self.last_lr, samples=c.samples_seen,
+                         lr=self.last_lr, lr_min=iv["lr_min"], samples=c.samples_seen,
                          samples_per_s=n * self.geo.update_batch / dt if dt > 0 else 0.0,
                          train_s=c.train_s, wall_s=c.train_s + c.eval_s + c.ckpt_s,
                          staleness_mean=sum(iv["taus"]) / n, staleness_max=max(iv["taus"]),
@@ -402,7 +443,7 @@ class ParameterServer(RunBase):
             if now - last_poll > 0.1 or len(self.ever) < g.clients:
                 self._poll_joins()
                 last_poll = now
-            if self.s == 0 and self._exhausted() and not self.live and self.ever:
+            if self.s == 0 and self._exhausted() and not self.live and not self.joining and self.ever:
                 break
             if self.s != 0 and not self.live and self.ever and self.rt.store.check([done_key]):
                 break
@@ -418,22 +459,13 @@ class ParameterServer(RunBase):
             if gen != self.gen.get(cl):
                 continue  # a message from a previous life of a worker that has rejoined since
             if kind == "dead":
-                if cl in self.live:
-                    self.live.discard(cl)
-                    self.blocked.discard(cl)
-                    if cl in self.outstanding:
-                        self.requeue.append(self.outstanding.pop(cl))
-                    if self.s == 0:
-                        self.deaths += 1
-                        self.log(f"worker {cl} (rank {g.S + cl * g.G}) is gone at step {self.version} "
-                                 f"({head}); the other {len(self.live)} worker(s) go on")
-                        self.tracker.log("worker_lost", self.version, worker=cl, live=len(self.live))
-                self._release() if self.s == 0 else None
+                self._lose(cl, head)
                 continue
             if kind == HELLO:
                 # a worker that (re)joins starts at the slowest live clock, so SSP does not wait for its past
                 self.clock[cl] = max(self.clock.get(cl, 0), self._min_clock())
                 self.live.add(cl)
+                self.joining.discard(cl)
                 self.ever.add(cl)
                 if started:
                     self._grant(cl)
@@ -467,8 +499,9 @@ class ParameterServer(RunBase):
             if self.s == 0:
                 self._release()
         # the end: every client said goodbye or is gone
-        for th in self.threads:
-            th.join(timeout=5)
+        for cl, gen, th in self.threads:  # readers of earlier generations may wait on a pair nobody closes
+            if gen == self.gen.get(cl):
+                th.join(timeout=5)
         if self.s == 0:
             self.rt.store.set(done_key, "1")
         self._gather()
@@ -515,8 +548,36 @@ def _die_with_parent() -> None:
         pass
 
 
-def worker_loop(trainer, rt: Runtime, gen: int) -> None:
-    """One worker's life: join, then pull / compute / push until the server says stop."""
+def _retire(store, key: str, k: int) -> None:
+    """Formation ``k`` of a hybrid group is over: the group's next one is ``k + 1`` (idempotent)."""
+    store.compare_set(key, str(k), str(k + 1))
+
+
+def _form_group(store, key: str, client: int, member: int, G: int, k: int, timeout_s: float):
+    """Join formation ``k`` of hybrid group ``client``: its process group once all ``G`` members are in; ``None``
+    when the job is done meanwhile, ``False`` when the formation was retired meanwhile (a member died again)."""
+    store.set(f"{key}/{k}/in/{member}", "1")
+    names = [f"{key}/{k}/in/{m}" for m in range(G)]
+    deadline = time.monotonic() + timeout_s
+    while not store.check(names):
+        if store.check(["done"]):
+            return None
+        if store.add(key, 0) != k:
+            return False
+        if time.monotonic() > deadline:
+            raise ScalelabError(f"group {client}: not every member joined within parallel.timeout_s={timeout_s:g} s")
+        time.sleep(0.02)
+    return dist.ProcessGroupGloo(dist.PrefixStore(f"group/{client}/{k}", store), member, G,
+                                 datetime.timedelta(seconds=timeout_s))
+
+
+def worker_loop(trainer, rt: Runtime, gen: int, formation=None) -> None:
+    """One worker's life: join, then pull / compute / push until the server says stop.
+
+    ``gen`` counts this worker's lives (its supervisor's restarts). In hybrid mode ``formation`` (a shared integer)
+    holds the formation of the group this process is in, so that after it dies the next life retires that
+    formation; a member whose group fails (another member died) retires it and joins the next one itself.
+    """
     cfg, t = trainer.cfg, trainer.cfg.train
     g = _Geometry(cfg, rt.world_size)
     w = rt.rank - g.S
@@ -533,108 +594,152 @@ def worker_loop(trainer, rt: Runtime, gen: int) -> None:
     model.train()
     layout = Layout(model, g.S)
     dtype = layout.params[0].dtype
-    group = None
-    if g.G > 1:
-        group = dist.ProcessGroupGloo(dist.PrefixStore(f"group/{client}", store), member, g.G,
-                                      datetime.timedelta(seconds=rt.timeout_s))
-    pairs = {}
-    if leader:
-        store.set(f"join/{client}", str(gen))
-        for s in range(g.S):
-            deadline = time.monotonic() + rt.timeout_s
-            while not store.check([f"ack/{s}/{client}/{gen}"]):
-                if store.check(["done"]):  # rejoining a job that has just finished: nothing left to do
-                    return
-                if time.monotonic() > deadline:
-                    raise ScalelabError(f"server {s} did not accept worker {w} within parallel.timeout_s="
-                                        f"{rt.timeout_s:g} s")
-                time.sleep(0.02)
-            pairs[s] = _pair(store, s, client, gen, 1, rt.timeout_s)
-
-    pulled = [0] * g.S  # the version of each server's shard this worker computes on
-
-    def exchange(kind: int, head_vals: list[float]) -> tuple[int, int]:
-        """Leader: push (or hello/bye) to every server, then pull from every server. Returns (version, ticket)."""
-        version, ticket = 0, STOP
-        if kind == BYE and not leader:
-            return 0, STOP
-        if leader:
-            for s, pg in pairs.items():
-                head = torch.tensor([kind, *head_vals], dtype=torch.float64)
-                head[2] = pulled[s]
-                pg.send([head], 0, TAG_UP_H).wait()
-                if kind == PUSH:
-                    pg.send([layout.pack(s, grads=True).to(dtype)], 0, TAG_UP_P).wait()
-            if kind == BYE:
-                return 0, STOP
-            for s, pg in pairs.items():
-                head = torch.zeros(H, dtype=torch.float64)
-                body = torch.empty(layout.size(s), dtype=dtype)
-                pg.recv([head], 0, TAG_DOWN_H).wait()
-                pg.recv([body], 0, TAG_DOWN_P).wait()
-                layout.unpack_params(s, body)
-                pulled[s] = int(head[0])
-                if s == 0:
-                    version, ticket = int(head[0]), int(head[1])
-        if group is not None:  # the leader's pull goes to the whole group
-            info = torch.tensor([version, ticket], dtype=torch.float64)
-            group.broadcast(info, 0).wait()
-            version, ticket = int(info[0]), int(info[1])
-            if ticket != STOP:
-                for s in range(g.S):
-                    flat = layout.pack(s, grads=False).clone()
-                    group.broadcast(flat, 0).wait()
-                    layout.unpack_params(s, flat)
-        return version, ticket
-
-    version, ticket = exchange(HELLO, [0, -1, 0, 0, 0, 0, gen])
-    pushed = 0
-    order, order_epoch = None, -1
     kill = cfg.faults.kill_rank == rt.rank and gen == 0 and rt.restart_count == 0
-    while ticket != STOP:
-        if kill and version >= cfg.faults.kill_step:
-            from scalelab.train import inject_kill
+    order, order_epoch = None, -1
 
-            inject_kill(rt.rank, version)
-        k, part = divmod(ticket, g.clients)
-        epoch, kk = divmod(k, spe)
-        if epoch != order_epoch:
-            order, order_epoch = epoch_order(len(base.x_train), t.seed, epoch), epoch
-        idx = batch_indices(order, kk, g.B, part * g.G + member, g.W)
-        delay = straggler_delay(cfg.stragglers, w, ticket)
-        if delay:
-            time.sleep(delay)
-        model.zero_grad(set_to_none=True)
-        xb, yb = base.x_train[idx], base.y_train[idx]
-        out = model(xb)
-        loss = F.cross_entropy(out, yb, label_smoothing=cfg.recipe.label_smoothing)
-        loss.backward()
-        stats = [loss.item() * len(yb), (out.argmax(1) == yb).sum().item(), len(yb)]
-        if group is not None:  # synchronous inside the group: the mean gradient over its members
-            flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=dtype)
-                              for p in layout.params] + [torch.tensor(stats, dtype=dtype)])
-            group.allreduce(flat).wait()
-            off = 0
-            for p in layout.params:
-                p.grad = (flat[off:off + p.numel()] / g.G).view_as(p)
-                off += p.numel()
-            stats = flat[off:].tolist()
-        pushed += 1
-        version, ticket = exchange(PUSH, [ticket, version, *stats, pushed, gen])
-    exchange(BYE, [0, version, 0, 0, 0, pushed, gen])
+    def life(life_gen: int, group) -> None:
+        """Join the servers as generation ``life_gen`` of this client and train until the server says stop."""
+        nonlocal order, order_epoch
+        pairs = {}
+        if leader:
+            store.set(f"join/{client}", str(life_gen))
+            for s in range(g.S):
+                deadline = time.monotonic() + rt.timeout_s
+                while not store.check([f"ack/{s}/{client}/{life_gen}"]):
+                    if store.check(["done"]):  # rejoining a job that has just finished: nothing left to do
+                        if group is not None:  # tell the members, who wait for the first pull
+                            group.broadcast(torch.tensor([0, STOP], dtype=torch.float64), 0).wait()
+                        return
+                    if time.monotonic() > deadline:
+                        raise ScalelabError(f"server {s} did not accept worker {w} within parallel.timeout_s="
+                                            f"{rt.timeout_s:g} s")
+                    time.sleep(0.02)
+                pairs[s] = _pair(store, s, client, life_gen, 1, rt.timeout_s)
+
+        pulled = [0] * g.S  # the version of each server's shard this worker computes on
+
+        def exchange(kind: int, head_vals: list[float]) -> tuple[int, int]:
+            """Leader: push (or hello/bye) to every server, then pull from every server. Returns (version, ticket)."""
+            version, ticket = 0, STOP
+            if kind == BYE and not leader:
+                return 0, STOP
+            if leader:
+                for s, pg in pairs.items():
+                    head = torch.tensor([kind, *head_vals], dtype=torch.float64)
+                    head[2] = pulled[s]
+                    pg.send([head], 0, TAG_UP_H).wait()
+                    if kind == PUSH:
+                        pg.send([layout.pack(s, grads=True).to(dtype)], 0, TAG_UP_P).wait()
+                if kind == BYE:
+                    return 0, STOP
+                for s, pg in pairs.items():
+                    head = torch.zeros(H, dtype=torch.float64)
+                    body = torch.empty(layout.size(s), dtype=dtype)
+                    pg.recv([head], 0, TAG_DOWN_H).wait()
+                    pg.recv([body], 0, TAG_DOWN_P).wait()
+                    layout.unpack_params(s, body)
+                    pulled[s] = int(head[0])
+                    if s == 0:
+                        version, ticket = int(head[0]), int(head[1])
+            if group is not None:  # the leader's pull goes to the whole group
+                info = torch.tensor([version, ticket], dtype=torch.float64)
+                group.broadcast(info, 0).wait()
+                version, ticket = int(info[0]), int(info[1])
+                if ticket != STOP:
+                    for s in range(g.S):
+                        flat = layout.pack(s, grads=False).clone()
+                        group.broadcast(flat, 0).wait()
+                        layout.unpack_params(s, flat)
+            return version, ticket
+
+        version, ticket = exchange(HELLO, [0, -1, 0, 0, 0, 0, life_gen])
+        pushed = 0
+        while ticket != STOP:
+            if kill and version >= cfg.faults.kill_step:
+                from scalelab.train import inject_kill
+
+                inject_kill(rt.rank, version)
+            k, part = divmod(ticket, g.clients)
+            epoch, kk = divmod(k, spe)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(len(base.x_train), t.seed, epoch), epoch
+            idx = batch_indices(order, kk, g.B, part * g.G + member, g.W)
+            delay = straggler_delay(cfg.stragglers, w, ticket)
+            if delay:
+                time.sleep(delay)
+            model.zero_grad(set_to_none=True)
+            xb, yb = base.x_train[idx], base.y_train[idx]
+            out = model(xb)
+            loss = F.cross_entropy(out, yb, label_smoothing=cfg.recipe.label_smoothing)
+            loss.backward()
+            stats = [loss.item() * len(yb), (out.argmax(1) == yb).sum().item(), len(yb)]
+            if group is not None:  # synchronous inside the group: the mean gradient over its members
+                flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=dtype)
+                                  for p in layout.params] + [torch.tensor(stats, dtype=dtype)])
+                group.allreduce(flat).wait()
+                off = 0
+                for p in layout.params:
+                    p.grad = (flat[off:off + p.numel()] / g.G).view_as(p)
+                    off += p.numel()
+                stats = flat[off:].tolist()
+            pushed += 1
+            version, ticket = exchange(PUSH, [ticket, version, *stats, pushed, life_gen])
+        exchange(BYE, [0, version, 0, 0, 0, pushed, life_gen])
+
+    if g.G == 1:
+        life(gen, None)
+        return
+    key = f"hybrid/{client}/formation"
+    if formation is not None and formation.value >= 0:  # the previous life died in that formation
+        _retire(store, key, formation.value)
+    limit = g.G * cfg.parallel.rejoin  # the first formation, and at most one more per death a supervisor restarts
+    while True:
+        k = store.add(key, 0)
+        if k > limit:
+            raise ScalelabError(f"group {client} restarted more than parallel.rejoin x group_size = {limit} times")
+        if formation is not None:
+            formation.value = k
+        group = _form_group(store, key, client, member, g.G, k, rt.timeout_s)
+        if group is None:
+            return
+        if group is False:
+            continue
+        try:
+            life(k, group)
+            return
+        except RuntimeError as e:  # a member died: the all-reduce or broadcast (or the leader's pair) broke
+            if _server_gone(store):
+                return
+            print(f"scalelab: worker rank {rt.rank}: group {client} lost a member at formation {k} "
+                  f"({str(e).splitlines()[0][:120]}); the group restarts from the server's parameters",
+                  file=sys.stderr, flush=True)
+            _retire(store, key, k)
+        group = None  # closes this formation's connections (and, at the leader, its pairs to the servers)
 
 
-def _worker_child(trainer, gen: int) -> None:
+def _server_gone(store) -> bool:
+    """The job has ended, or server 0 (which hosts the store) is gone: a worker has nothing left to do."""
+    try:
+        return store.check(["done"])
+    except RuntimeError:
+        return True
+
+
+def _worker_child(trainer, gen: int, formation=None) -> None:
     _die_with_parent()
     rt = _ps_runtime(trainer.cfg)
     try:
         _connect(rt, trainer.cfg)
         trainer.rt = rt
-        worker_loop(trainer, rt, gen)
+        worker_loop(trainer, rt, gen, formation)
     except ScalelabError as e:
         print(f"scalelab: error: worker rank {rt.rank}: {e}", file=sys.stderr, flush=True)
         os._exit(1)
     except RuntimeError as e:
+        if getattr(rt, "store", None) is not None and _server_gone(rt.store):
+            # a connection broke because the job ended meanwhile (a group restarting at the very end); if the
+            # server died instead, the launcher reports the server's failure
+            os._exit(0)
         print(f"scalelab: error: worker rank {rt.rank}: {str(e).splitlines()[0][:200]}", file=sys.stderr,
               flush=True)
         os._exit(1)
@@ -644,8 +749,8 @@ def _worker_child(trainer, gen: int) -> None:
 
 
 def supervise_worker(trainer, rt: Runtime) -> dict[str, Any]:
-    """The process the launcher starts for a worker rank: runs the worker in a child process and, in async and
-    ssp modes, starts it again when it dies (``parallel.rejoin`` times), so that it rejoins the job. The
+    """The process the launcher starts for a worker rank: runs the worker in a child process and starts it again
+    when it dies (``parallel.rejoin`` times), so that it rejoins the job (in hybrid mode, with its group). The
     launcher's agent restarts the whole group when a process it watches dies; this keeps a worker's death
     from being one."""
     import multiprocessing as mp
@@ -653,19 +758,23 @@ def supervise_worker(trainer, rt: Runtime) -> dict[str, Any]:
     from scalelab.parallel.launch import WorkerFailure
 
     cfg = trainer.cfg
-    can_rejoin = cfg.parallel.mode in ("async", "ssp")
+    ctx = mp.get_context("fork")
+    hybrid = cfg.parallel.mode == "hybrid"
+    formation = ctx.Value("i", -1, lock=False) if hybrid else None
     gen = 0
     while True:
-        proc = mp.get_context("fork").Process(target=_worker_child, args=(trainer, gen), daemon=False)
+        proc = ctx.Process(target=_worker_child, args=(trainer, gen, formation), daemon=False)
         proc.start()
         proc.join()
         code = proc.exitcode
         if code == 0:
             return {}
-        if code is not None and code < 0 and can_rejoin and gen < cfg.parallel.rejoin:
+        if code is not None and code < 0 and gen < cfg.parallel.rejoin:
             name = signal.Signals(-code).name
-            print(f"scalelab: worker rank {rt.rank} died ({name}); the job goes on without it; restarting it to "
-                  f"rejoin ({gen + 1}/{cfg.parallel.rejoin})", file=sys.stderr, flush=True)
+            print(f"scalelab: worker rank {rt.rank} died ({name}); the "
+                  + ("other groups go on; restarting it to rejoin with its group" if hybrid
+                     else "job goes on without it; restarting it to rejoin")
+                  + f" ({gen + 1}/{cfg.parallel.rejoin})", file=sys.stderr, flush=True)
             gen += 1
             continue
         how = f"was killed by signal {signal.Signals(-code).name}" if code and code < 0 else f"exited with {code}"
