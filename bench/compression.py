@@ -207,6 +207,8 @@ def plot(rows: list[dict], path: Path, target: float) -> None:
 
     rates = [r for r in RATE_ORDER if any(x["rate"] == r for x in rows)]
     nodes = sorted({r["nodes"] for r in rows})
+    if not nodes:
+        return
     fig, axes = plt.subplots(1, len(nodes), figsize=(6.5 * len(nodes), 4.5), squeeze=False)
     for ax, nn in zip(axes[0], nodes):
         xs = list(range(len(rates)))

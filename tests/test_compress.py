@@ -278,7 +278,6 @@ RUNS = {
     # float64 and checkpoints: the DGC run is also the reference of the resume test below
     "dgc": BASE + ["compress.method=dgc", "compress.density=0.01", "compress.dgc_warmup_epochs=1",
                    "compress.dgc_clip=1", "train.dtype=float64", "train.checkpoint_every=40"],
-    "efsign": BASE + ["compress.method=efsign"],
 }
 _done: dict = {}
 
@@ -305,7 +304,7 @@ def uninterrupted(tmp_path_factory, cache_dir):
     return get
 
 
-@pytest.mark.parametrize("method", ["dgc", "efsign"])
+@pytest.mark.parametrize("method", ["dgc"])
 def test_hooks_train_to_accuracy_with_two_workers(uninterrupted, method):
     out, s = uninterrupted(method)
     assert s["world_size"] == 2 and s["compress_method"] == method
@@ -447,7 +446,7 @@ def test_error_feedback_state_survives_a_checkpoint_and_new_buckets():
         _hook("dgc", step=0)[0].load_state_dict(saved, params)
 
 
-def _powersgd_worker(rank, world, port, q):
+def _hooks_worker(rank, world, port, q):
     import io
     from types import SimpleNamespace
 
@@ -487,16 +486,32 @@ def _powersgd_worker(rank, world, port, q):
         h.load_state_dict(torch.load(f, weights_only=True), params)
         resumed = [step(h, rt, s, first if s == 5 else rebuilt) for s in range(5, 8)]
         same = all(torch.equal(a, b_) for s in range(3) for a, b_ in zip(whole[5 + s], resumed[s]))
-        q.put((rank, (same, h.torch_state.iter)))
+        iters = h.torch_state.iter
+        # EF-sign through the hook: the weights travel as scaled signs (all-gathered, averaged), the bias densely
+        cfg_e = load_config(None, ["compress.method=efsign", "compress.min_numel=16"])
+        rt = SimpleNamespace(world_size=world, rank=rank, group=dist.group.WORLD, comm=CommStats(), step=0)
+        h = CompressionHook(rt, cfg_e, steps_per_epoch=10)
+        w, bias = torch.nn.Parameter(torch.zeros(8, 6)), torch.nn.Parameter(torch.zeros(6))
+        bk = _Bucket([w, bias], fill=lambda p: torch.randn(p.numel(), generator=torch.Generator().manual_seed(
+            7 + rank + p.numel())))
+        mine = bk.buf.clone()
+        out = h(bk).wait()
+        both = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(both, mine)
+        expect = torch.cat([sum(x[:48].abs().mean() * torch.where(x[:48] >= 0, 1.0, -1.0) for x in both) / world,
+                            sum(x[48:] for x in both) / world])
+        efsign_ok = torch.allclose(out, expect, atol=1e-6) and h.stats.bytes < 48 * 4
+        q.put((rank, (same, iters, efsign_ok)))
     finally:
         dist.destroy_process_group()
 
 
-def test_powersgd_state_survives_a_checkpoint_and_ddps_new_buckets():
-    """torch's PowerSGD state (error, P, Q per bucket, step, random state), saved per parameter, restored after
-    the buckets changed (a resumed DDP starts with its first layout), continues bit for bit (2 gloo workers)."""
-    got = _run_workers(_powersgd_worker, 2)
-    assert got == {0: (True, 8), 1: (True, 8)}
+def test_hooks_in_two_real_workers_powersgd_resume_and_efsign():
+    """2 gloo workers, the hook on stand-in buckets. torch's PowerSGD state (error, P, Q per bucket, step, random
+    state), saved per parameter and restored after the buckets changed (a resumed DDP starts with its first
+    layout), continues bit for bit. EF-sign's exchange equals the mean of the workers' scaled signs."""
+    got = _run_workers(_hooks_worker, 2)
+    assert got == {0: (True, 8, True), 1: (True, 8, True)}
 
 
 def test_powersgd_bytes_mirror_the_torch_hook():
