@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=str(REPO / "bench" / "results" / "compression.json"))
     ap.add_argument("--plot", default=str(REPO / "bench" / "results" / "compression.png"))
     ap.add_argument("--reanalyze", action="store_true", help="recompute the summary (--target) from --json")
+    ap.add_argument("--markdown", action="store_true", help="also print the summary as a Markdown table")
     ap.add_argument("--merge", action="store_true", help="add these runs to those of --json (same config)")
     ap.add_argument("--add", action="append", default=[],
                     help="add the runs of another result JSON of this benchmark (e.g. the --full runs)")
@@ -361,8 +362,35 @@ def report(doc: dict, a) -> int:
         print(f"  vs PowerSGD {g.get('tta_speedup_vs_powersgd', float('nan')):.2f}x (goal > 1): {verdict}")
     for where, ms in doc["compression_pays_at"].items():
         print(f"  {where}: compression pays (time-to-accuracy > 1.05x dense) for: {', '.join(ms)}")
+    if getattr(a, "markdown", False):
+        print(markdown(doc))
     print(f"wrote {a.json} and {a.plot}")
     return 0
+
+
+def markdown(doc: dict) -> str:
+    """The summary as a Markdown table (for docs/benchmarks.md)."""
+    f = lambda x, fmt, unit="": format(x, fmt) + unit if x is not None else "-"  # noqa: E731
+    lines = ["| hosts | rate | method | runs | kB sent/step (run avg / last step) | less traffic | step ms (all runs) "
+             "| x dense | encode ms/step | steps to target | time to target s (all runs) | x dense | final acc | "
+             "vs dense | load (1 min) |", "|" + "---|" * 15]
+    for r in doc["cells"]:
+        if "step_s" not in r:
+            lines.append(f"| {r['nodes']} | {r['rate']} | {LABEL.get(r['method'], r['method'])} | {r['runs']} | "
+                         "failed |" + " |" * 10)
+            continue
+        steps = ", ".join(f"{x * 1e3:.0f}" for x in r["step_s_all"])
+        ttts = ", ".join(f"{x:.0f}" if x else "-" for x in r["time_to_target_s_all"])
+        lines.append(
+            f"| {r['nodes']} | {r['rate']} | {LABEL.get(r['method'], r['method'])} | {r['runs']} | "
+            f"{r['bytes_per_step'] / 1e3:,.1f} / {r['steady_bytes_per_step'] / 1e3:,.1f} | "
+            f"{f(r.get('traffic_vs_dense'), '.0f', 'x')} | {r['step_s'] * 1e3:.1f} ({steps}) | "
+            f"{f(r.get('step_speedup_vs_dense'), '.2f', 'x')} | {f(r['encode_ms_per_step'], '.1f')} | "
+            f"{f(r['steps_to_target'], 'd')} | {f(r['time_to_target_s'], '.1f')} ({ttts}) | "
+            f"{f(r.get('tta_speedup_vs_dense'), '.2f', 'x')} | {f(r['final_test_acc'], '.4f')} | "
+            f"{f(r.get('acc_minus_dense_pp'), '+.2f', ' pp')} | "
+            f"{', '.join(f'{x:.1f}' for x in r['loadavg_1min'] if x is not None)} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
