@@ -229,7 +229,7 @@ def plot(rows: list[dict], path: Path, target: float) -> None:
                 est.append(bool(r and not r["time_to_target_s"]))
             if all(y != y for y in ys):
                 continue
-            line, = ax.plot(xs, ys, marker="o", label=LABEL.get(m, m),
+            line, = ax.plot(xs, ys, marker="o", label=LABEL.get(m, m), color=f"C{ALL.index(m) % 10}",
                             lw=2.5 if m in ("none", "dgc", "powersgd") else 1)
             for x, y, e in zip(xs, ys, est):
                 if e:  # estimated: steps to target of the full run x the step time measured here
