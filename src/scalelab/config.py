@@ -189,8 +189,8 @@ class CompressConfig:
     error_feedback: bool = _f(True, doc="topk/randomk: keep what was not sent and add it next step")
     dgc_warmup_epochs: float = _f(0.0, lo=0.0, doc="dgc: sparsity warm-up 75%, 93.75%, 98.4%, 99.6% over "
                                                    "these epochs, then 1 - density; 0 = off")
-    dgc_clip: float = _f(0.0, lo=0.0, doc="dgc: local gradient clipping, each worker clips its gradient norm "
-                                          "(per bucket) to dgc_clip / sqrt(N); 0 = off")
+    dgc_clip: float = _f(0.0, lo=0.0, doc="dgc: local gradient clipping, each worker clips the norm of its whole "
+                                          "gradient to dgc_clip / sqrt(N); 0 = off")
     dgc_sample: float = _f(0.01, lo=0.0, lo_open=True, hi=1.0, doc="dgc: fraction sampled to find the threshold")
     min_numel: int = _f(1024, lo=0, doc="tensors smaller than this (and 1-D ones) are all-reduced densely "
                                         "(all methods but powersgd, fp16, bf16)")

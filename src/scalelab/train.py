@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from scalelab import checkpoint as ckpt
-from scalelab.compress import optimizer_recipe
+from scalelab.compress import gather_state, optimizer_recipe, restore_state
 from scalelab.config import Config, save_config
 from scalelab.data import DATASETS, Dataset, epoch_order, load_dataset
 from scalelab.errors import ConfigError, DataError, DivergenceError, ScalelabError, unknown_name
@@ -308,6 +308,10 @@ class Trainer:
         backup = BackupSync(rt, used) if cfg.parallel.backup_workers else None
         model = rt.wrap(base, cfg, ddp=backup is None, steps_per_epoch=spe)
         params = [p for p in base.parameters()]
+        if rt.compress is not None:  # the compressor's state (per worker) comes back with the rest
+            note = restore_state(rt, resume_state, params)
+            if note:
+                self._log(note)
         comm0_bytes, comm0_s = c.comm_bytes, c.comm_s
         kfac = getattr(opt, "kfac", None)   # K-FAC's factor all-reduces and inverse broadcasts count too
         tracker = Tracker(self.out if rt.is_main else None,
@@ -333,11 +337,16 @@ class Trainer:
         ckdir = self.out / "checkpoints" if self.out else None
 
         def save(step: int) -> None:
-            if ckdir is None or not rt.is_main:
+            if ckdir is None:
                 return
             t0 = time.perf_counter()
+            compress = gather_state(rt, params)  # every worker's compressor state (a collective: all take part)
+            if not rt.is_main:
+                return
             state = {"format": ckpt.FORMAT_VERSION, "config": cfg.to_dict(), "model": base.state_dict(),
                      "optimizer": opt.state_dict(), "counters": c.to_state(), "rng": ckpt.rng_state()}
+            if compress is not None:
+                state["compress"] = compress
             ckpt.save_checkpoint(ckdir, step, state, keep=t.keep_checkpoints)
             c.ckpt_s += time.perf_counter() - t0
 

@@ -13,7 +13,8 @@ import dataclasses
 from scalelab.compress.compressors import (QSGD, ErrorFeedback, MajoritySign, RandomK, ScaledSign, TernGrad, TopK,
                                            pack_bits, selected_dense, unpack_bits)
 from scalelab.compress.dgc import DGC, sampled_threshold_select, warmup_density
-from scalelab.compress.hooks import CompressionHook, CompressStats, compress_hook, powersgd_bytes
+from scalelab.compress.hooks import (CompressionHook, CompressStats, compress_hook, gather_state, powersgd_bytes,
+                                    restore_state)
 from scalelab.compress.sparse import CostModel, choose, sparse_allreduce
 
 
@@ -34,4 +35,4 @@ def optimizer_recipe(cfg, world_size: int):
 __all__ = ["CompressionHook", "CompressStats", "compress_hook", "powersgd_bytes", "CostModel", "choose",
            "sparse_allreduce", "DGC", "sampled_threshold_select", "warmup_density", "TopK", "RandomK", "ScaledSign",
            "MajoritySign", "QSGD", "TernGrad", "ErrorFeedback", "pack_bits", "unpack_bits", "selected_dense",
-           "optimizer_recipe"]
+           "optimizer_recipe", "gather_state", "restore_state"]

@@ -101,7 +101,8 @@ def unpack_add(msg: torch.Tensor, cap: int, into: torch.Tensor) -> None:
 
 
 def sparse_allreduce(idx: torch.Tensor, vals: torch.Tensor, numel: int, cap: int, group=None,
-                     cost: CostModel | None = None, force: str = "auto", out: torch.Tensor | None = None):
+                     cost: CostModel | None = None, force: str = "auto", out: torch.Tensor | None = None,
+                     zero: bool = True):
     """Sum sparse vectors over all workers; returns ``(future of the dense sum, Decision)``.
 
     Args:
@@ -112,6 +113,8 @@ def sparse_allreduce(idx: torch.Tensor, vals: torch.Tensor, numel: int, cap: int
         cost: the alpha-beta model for the choice (default 50 us, 1 Gbit/s).
         force: ``"auto"``, ``"sparse"`` or ``"dense"``.
         out: a contiguous tensor of length ``numel`` to write the sum into (default: a new one).
+        zero: zero ``out`` first (default). ``False`` adds into it as it is: what it holds at the other positions
+            is then summed over workers as well in dense mode, and left as it is in sparse mode.
 
     The future's value is the dense sum (not the mean) over workers, in ``out`` when given.
     """
@@ -119,7 +122,7 @@ def sparse_allreduce(idx: torch.Tensor, vals: torch.Tensor, numel: int, cap: int
     def fresh():
         if out is None:
             return torch.zeros(numel, dtype=vals.dtype, device=vals.device)
-        return out.zero_()
+        return out.zero_() if zero else out
 
     n = dist.get_world_size(group) if dist.is_initialized() else 1
     dec = choose(numel, cap, vals.element_size(), n, cost or CostModel(), force)
