@@ -231,7 +231,7 @@ def probe(world: int, steps: int = 10, repeats: int = 9) -> dict:
             "times_s": {str(s): v for s, v in t.items()}, "alpha_s": alpha, "bus_bandwidth": bw}
 
 
-def scalelab_train_step(world: int, steps: int = 60) -> dict:
+def scalelab_train_step(world: int, steps: int = 40) -> dict:
     """Run ``scalelab train --nproc world`` for ``steps`` steps: seconds per step in steady state and overall."""
     name, width, depth, _, _ = MODEL
     with tempfile.TemporaryDirectory(prefix="scalelab-calibrate-") as tmp:
