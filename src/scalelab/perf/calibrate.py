@@ -14,7 +14,8 @@ measured parts; no N-process training step with gradient communication is timed 
   as the slowest worker's time, because a synchronous step waits for it. So contention between workers for the
   cores, memory bandwidth and caches is in this figure, and so is whatever else the machine is running. The
   same workers also time the plain step (no DDP), which splits ``local_s`` into compute (``compute_s``) and
-  DDP's local work (``ddp_local_s``) for the report.
+  DDP's local work (``ddp_local_s``) for the report. For comparison, not for the prediction, one process alone
+  on B/N samples with the same threads is timed too (``compute_alone_s``): the difference is the contention.
 * **communication** (``comm_s``): afterwards, in the same N processes, what DDP sends in one step, sent the way DDP sends it:
   the broadcast of the model's buffers from rank 0 (DDP's ``broadcast_buffers``, one broadcast per dtype), then
   one asynchronous gloo all-reduce per gradient bucket, in DDP's order and with DDP's bucket sizes (recorded
@@ -271,12 +272,15 @@ def calibrate(worlds: tuple[int, ...] = (1, 2, 4), rounds: int = 3) -> dict:
                 flat = 0.0
             else:
                 part = probe(world)
+                # the peer of the concurrent compute: one process alone on B/N with the same threads
+                part["compute_alone_s"] = compute_step(BATCH // world, part["threads"])["step_s"]
                 flat = comm.ring_allreduce(single["params"] * 4, world,
                                            comm.Net(part["alpha_s"], part["bus_bandwidth"]))
             predicted = part["local_s"] + part["comm_s"]
             measured = scalelab_train_step(world)
             per_round.append({"probe": part, "compute_s": part["compute_s"], "ddp_local_s": part["ddp_local_s"],
                               "comm_s": part["comm_s"], "flat_ring_s": flat,
+                              "compute_alone_s": part.get("compute_alone_s", part["compute_s"]),
                               "predicted_step_s": predicted, "measured_step_s": measured["step_s"],
                               "measured_mean_step_s": measured["mean_step_s"],
                               "measured_comm_bytes": measured["comm_bytes_per_step"],
@@ -303,6 +307,7 @@ def format_calibration(r: dict) -> str:
                          f"{[round(b / 1e6, 2) for b in f['bucket_bytes']]} MB")
         lines.append(f"    scalelab train --nproc {row['world']} step: predicted "
                      f"{row['predicted_step_s'] * 1e3:.1f} ms (compute {row['compute_s'] * 1e3:.1f}"
+                     f" [one process alone {row['compute_alone_s'] * 1e3:.1f}]"
                      f" + DDP local {row['ddp_local_s'] * 1e3:.1f} + communication {row['comm_s'] * 1e3:.1f}), "
                      f"measured {row['measured_step_s'] * 1e3:.1f} ms, ratio {row['ratio']:.2f} (median of "
                      f"{', '.join(f'{x:.2f}' for x in row['ratios'])}; load {row['load']:.1f})")
