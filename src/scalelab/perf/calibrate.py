@@ -193,7 +193,7 @@ def _communication(buckets: list[int], buffers: dict[str, int], repeats: int):
     flat = {}
     for size in SIZES:
         buf = torch.ones(size // 4)
-        flat[str(size)] = _median_time(lambda: dist.all_reduce(buf), 9 if size < 1e6 else 5)
+        flat[str(size)] = _median_time(lambda: dist.all_reduce(buf), min(repeats, 9 if size < 1e6 else 5))
     grads = [torch.ones(n // 4) for n in buckets]
     bufs = [torch.zeros(n // 4) for n in buffers.values()]
 
