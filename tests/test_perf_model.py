@@ -47,7 +47,7 @@ def test_torus_allreduce_by_hand():
     link = comm.Net(1e-6, 50e9)
     assert comm.torus_dims(16) == (4, 4) and comm.torus_dims(32) == (8, 4)
     s = 64e6
-    per_dim = comm.Net(1e-6, 100e9)  # 4 links: bidirectional rings, 2 links per dimension
+    # 4 links: bidirectional rings, 2 links (100 GB/s) per dimension
     expected = (3 * 1e-6 + 3 / 4 * s / 100e9) * 2 + 2 * 3 * 1e-6 + 2 * 3 / 4 * (s / 4) / 100e9
     assert comm.torus_allreduce(s, 16, link) == pytest.approx(expected)
     assert comm.torus_allreduce(s, 16, link) < comm.ring_allreduce(s, 16, link)   # latency: 12 vs 30 hops
