@@ -313,7 +313,8 @@ class Trainer:
             if note:
                 self._log(note)
         comm0_bytes, comm0_s = c.comm_bytes, c.comm_s
-        kfac = getattr(opt, "kfac", None)   # K-FAC's factor all-reduces and inverse broadcasts count too
+        if getattr(opt, "kfac", None) is not None:  # K-FAC's factor all-reduces and inverse broadcasts count too
+            opt.kfac.comm = rt.comm
         tracker = Tracker(self.out if rt.is_main else None,
                           resume_step=c.step if resume_state is not None else None)
         self._log(f"run {cfg.run_name()}: {data.name} ({len(x_train)} train / {len(data.x_test)} test), "
@@ -440,8 +441,6 @@ class Trainer:
                 epoch_end = plan.epoch_ends(c.epoch, c.epoch_pos)
                 c.train_s += time.perf_counter() - step_t0
                 c.comm_bytes, c.comm_s = comm0_bytes + rt.comm.bytes_sent, comm0_s + rt.comm.exposed_s
-                if kfac is not None:
-                    c.comm_bytes, c.comm_s = c.comm_bytes + kfac.bytes_sent, c.comm_s + kfac.comm_s
                 if noise is not None and c.step % t.noise_every == 0:
                     tracker.log("noise", c.step, **noise.measure(base, x_train, y_train, rt.all_reduce_sum))
 

@@ -56,7 +56,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scalelab.parallel.runtime import ring_bytes_sent
+from scalelab.parallel.runtime import CommStats, ring_bytes_sent
 from scalelab.recipe.parts import run_closure
 
 __all__ = ["KFAC", "METHODS", "assign_owners", "conv_patches", "kfac_optimizer", "step_damping"]
@@ -221,8 +221,9 @@ class KFAC:
         self.factor_decay, self.factor_every, self.inverse_every = factor_decay, factor_every, inverse_every
         self.kl_clip, self.method = kl_clip, method
         self.steps = 0
-        self.bytes_sent = 0     # what this worker sent in K-FAC's own collectives, and the time they took
-        self.comm_s = 0.0
+        # what this worker sends in K-FAC's own collectives and waits for them; the trainer points this at the
+        # runtime's counters, so they add to the run's comm_bytes and comm_s
+        self.comm = CommStats()
         allowed = None if params is None else {id(p) for p in params}
         self.layers: list[_Layer] = []
         self.skipped: list[str] = []
@@ -309,8 +310,8 @@ class KFAC:
             flat = torch.cat([t.reshape(-1) for t in new])
             t0 = time.perf_counter()
             dist.all_reduce(flat)
-            self.comm_s += time.perf_counter() - t0
-            self.bytes_sent += ring_bytes_sent(flat.numel() * flat.element_size(), world)
+            self.comm.exposed_s += time.perf_counter() - t0
+            self.comm.bytes_sent += ring_bytes_sent(flat.numel() * flat.element_size(), world)
             flat /= world
             new = [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in new]), new)]
         xi = self.factor_decay
@@ -337,9 +338,9 @@ class KFAC:
                 flat = torch.cat([t.reshape(-1) for t in layer.inv.values()])
                 t0 = time.perf_counter()
                 dist.broadcast(flat, src=owner)
-                self.comm_s += time.perf_counter() - t0
+                self.comm.exposed_s += time.perf_counter() - t0
                 if owner == rank:   # every other worker receives it once: (n-1) x payload, charged to the root
-                    self.bytes_sent += (world - 1) * flat.numel() * flat.element_size()
+                    self.comm.bytes_sent += (world - 1) * flat.numel() * flat.element_size()
                 parts = flat.split([t.numel() for t in layer.inv.values()])
                 layer.inv = {k: p.view_as(t).clone() for (k, t), p in zip(layer.inv.items(), parts)}
             layer.scale = None
