@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import platform
 import statistics
 import subprocess
@@ -272,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         sessions = old.get("sessions", []) + [x for extra in a.add
                                               for x in json.loads(Path(extra).read_text()).get("sessions", [])]
         return report({**old, **analyze(results, a.target), "sessions": sessions}, a)
+    bad = [r for r in a.rates.split(",") if r not in RATE_ORDER]
+    if bad or not re.fullmatch(r"\d+(,\d+)*", a.nodes) or a.repeats < 1:
+        ap.error(f"need --rates from {', '.join(RATE_ORDER)} (got {a.rates}), --nodes a comma list of host counts "
+                 f"(got {a.nodes}), --repeats >= 1")
     if os.geteuid() != 0 and any(r != "loopback" for r in a.rates.split(",")):
         print("compression bench: the emulated network needs root (ip netns, tc)", file=sys.stderr)
         return 2
@@ -296,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"  tta {r['time_to_target_s'] or float('nan'):7.1f} s  acc "
                           f"{r['final_test_acc']:.4f} at step {r['steps']} ({r['stopped']})  (load {r['loadavg'][0] if r['loadavg'] else float('nan'):.2f},"
                           f" {r['wall_s']:.0f} s)", flush=True)
+    if all("error" in r for r in results):
+        print(f"compression bench: all {len(results)} runs failed (above); {a.json} is left as it was",
+              file=sys.stderr)
+        return 1
     sessions = [{"nodes": a.nodes, "rates": a.rates, "repeats": a.repeats, "full": a.full, "loadavg_start": load0,
                  "loadavg_end": loadavg(), "total_s": time.perf_counter() - t0}]
     if a.merge and Path(a.json).exists():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -192,6 +193,9 @@ def main(argv=None) -> int:
                     help="default: bench/results/sync_vs_async.json (local), sync_vs_async_net.json (--net rates)")
     args = ap.parse_args(argv)
     nets = args.net.split(",")
+    bad = [n for n in nets if n != "local" and not re.fullmatch(r"\d+(\.\d+)?[kmg]bit", n)]
+    if bad:
+        ap.error(f"--net: {', '.join(bad)} is not local or a tc rate such as 100mbit, 1gbit, 10gbit")
     scenarios, modes = args.scenarios.split(","), args.modes.split(",")
     for name, allowed, given in (("--scenarios", SCENARIOS, scenarios), ("--modes", MODES, modes)):
         bad = [g for g in given if g not in allowed]
@@ -210,6 +214,7 @@ def main(argv=None) -> int:
             runs.append({"net": row.get("net", "local"), "scenario": row["scenario"], "mode": row["mode"], **r})
     t_bench = time.perf_counter()
     load_before = loadavg()
+    n_new = len(nets) * len(scenarios) * args.repeats * len(modes)
     for net in nets:
         for scenario in scenarios:
             for _ in range(args.repeats):  # alternate the modes inside each repeat
@@ -225,6 +230,9 @@ def main(argv=None) -> int:
                              f"  final acc {r['final_test_acc']:.4f}  staleness {r.get('staleness_mean')}"
                              f"  comm {r['comm_bytes'] / 1e6:.1f} MB  wall {r['process_wall_s']:.0f} s")
                           + f"  (load {r['loadavg'][0]:.2f})", file=sys.stderr, flush=True)
+    if not any("failed" not in r for r in runs[len(runs) - n_new:]):
+        print(f"sync_vs_async: all {n_new} runs failed (above); {json_path} is left as it was", file=sys.stderr)
+        return 1
     rows = summarize(runs, args.target_acc)
     print(table(rows, args.target_acc))
     png = json_path.with_suffix(".png")
