@@ -29,7 +29,7 @@ def test_kernels_counted_by_hand():
     net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     c = count_module(net, torch.zeros(2, 4))
     assert (c["kernels_unfused"], c["kernels_fused"]) == (11, 5)
-    wl = workload("resnet50")
+    wl = workload("resnet50", "imagenet")
     # 53 convolutions + 3 matmuls forward; 53 convolution_backward (input and weight grads in one op) backward
     assert wl.kernels_fused == 53 + 3 + 53
     assert wl.kernels_unfused == 405 and wl.kernels(fused=True) == 109
@@ -97,7 +97,7 @@ def test_every_bucket_pays_the_collective_latency():
 
 def test_per_step_overheads_never_shrink_with_devices():
     cat = load_catalog()
-    wl = workload("resnet50")
+    wl = workload("resnet50", "imagenet")
     for acc, per_node, net in (("v100", 4, "2xib-edr"), ("a100", 8, "8xib-hdr"), ("tpu-v3", 4, "ici-v3")):
         ps = [project(Setup(wl, acc, n, 32 * n, Steps(epochs=90), per_node, net), cat)
               for n in (8, 32, 128, 512, 2048, 8192)]
@@ -109,7 +109,7 @@ def test_per_step_overheads_never_shrink_with_devices():
 
 def test_more_hop_latency_never_faster():
     cat = load_catalog()
-    wl = workload("resnet50")
+    wl = workload("resnet50", "imagenet")
     fam = cat.families["volta"]
     times = []
     for hop in (0.0, 5e-6, 14e-6, 50e-6):
