@@ -37,7 +37,13 @@ class Family:
     memory_eff: float
     fused: bool = False
     step_overhead_s: float = 0.0
+    kernel_s: float = 0.0            # fixed time of one kernel (launch gap, ramp-up, tail), any size
+    net_hop_latency_s: float = 0.0   # the collective library's latency per ring step across the network
+    collective_base_s: float = 0.0   # the collective library's fixed latency per collective call
+    fused_kernels: bool | None = None  # one kernel per conv/matmul (XLA) even if bytes un-fused; None: fused
+    tree_allreduce: bool = False     # the library also has double binary trees across nodes (NCCL >= 2.4)
     source: str = ""
+    latency_source: str = ""
 
 
 @dataclass(frozen=True)

@@ -154,9 +154,11 @@ def format_projection(p: Projection) -> str:
         f"  compute per step     {p.compute_s * ms:9.2f} ms  ({p.compute_bound}-bound; {p.dtype} peak "
         f"{p.peak_flops / 1e12:g} TFLOP/s x {s['compute_eff']:g}, memory x {s['memory_eff']:g})",
         f"    forward / backward {p.forward_s * ms:9.2f} / {p.backward_s * ms:.2f} ms",
+        f"    of which kernels   {p.kernel_overhead_s * ms:9.2f} ms  (a fixed {s['kernel_s'] * 1e6:g} us "
+        f"per kernel, independent of the batch)",
         f"  optimizer update     {p.optimizer_s * ms:9.2f} ms",
         f"  communication        {p.comm_s * ms:9.2f} ms  ({p.algorithm}, {p.comm_bytes / 1e6:.1f} MB "
-        f"{s['comm_dtype']}, compress {s['compress']})",
+        f"{s['comm_dtype']} in {p.buckets} bucket(s), compress {s['compress']})",
         f"    overlapped         {p.comm_overlap_s * ms:9.2f} ms  with backward; exposed "
         f"{p.comm_exposed_s * ms:.2f} ms",
     ]

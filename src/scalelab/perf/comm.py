@@ -9,6 +9,10 @@ addition).
   ``2(p-1) alpha + 2(p-1)/p * S/bw + (p-1)/p * S * gamma``: each rank sends 2(p-1)/p of the bytes.
 * Tree all-reduce: a binary-tree reduce then broadcast,
   ``2 ceil(log2 p) (alpha + S/bw) + ceil(log2 p) S gamma`` (Thakur et al. 2005, Section 4).
+* Double binary tree (Sanders, Speck & Traeff 2009, "Two-tree algorithms for full bandwidth broadcast,
+  reduction and scan", Parallel Computing 35(12); NCCL 2.4, Jeaugey 2019): two complementary pipelined
+  binary trees, each carrying half of the data, so every rank sends and receives about S per phase at full
+  bandwidth while the latency grows with the depth: ``2 ceil(log2 p) alpha + 2 S/bw + S gamma``.
 * Hierarchical (Jia et al. 2018, arXiv 1807.11205; Goyal et al. 2017, Section 4): reduce-scatter inside each
   node over its link, all-reduce of the node's 1/g share across nodes over the network (each of the g devices
   drives its own share, so they share the node's links), all-gather inside the node.
@@ -68,15 +72,27 @@ def tree_allreduce(size: float, p: int, net: Net) -> float:
     return 2 * depth * (net.alpha + size / net.bandwidth) + depth * size * net.gamma
 
 
-def hierarchical_allreduce(size: float, nodes: int, per_node: int, intra: Net, inter: Net) -> float:
+def double_tree_allreduce(size: float, p: int, net: Net) -> float:
+    """Pipelined double binary tree: 2 ceil(log2 p) alpha + 2 S/bw + S gamma (Sanders et al. 2009)."""
+    if p <= 1 or size <= 0:
+        return 0.0
+    return 2 * math.ceil(math.log2(p)) * net.alpha + 2 * size / net.bandwidth + size * net.gamma
+
+
+def hierarchical_allreduce(size: float, nodes: int, per_node: int, intra: Net, inter: Net,
+                           tree: bool = False) -> float:
     """Reduce-scatter in the node, all-reduce of S/g across nodes, all-gather in the node.
 
-    ``inter.bandwidth`` is the node's total network bandwidth; its ``per_node`` devices share it.
+    ``inter.bandwidth`` is the node's total network bandwidth; its ``per_node`` devices share it. Across nodes
+    a ring, or with ``tree`` the faster of a ring and a double binary tree (what NCCL >= 2.4 chooses by the
+    same latency-bandwidth model).
     """
     g = max(per_node, 1)
     across = Net(inter.alpha, inter.bandwidth / g, inter.gamma)
-    return (ring_reduce_scatter(size, g, intra) + ring_allreduce(size / g, nodes, across)
-            + ring_all_gather(size, g, intra))
+    t_across = ring_allreduce(size / g, nodes, across)
+    if tree:
+        t_across = min(t_across, double_tree_allreduce(size / g, nodes, across))
+    return ring_reduce_scatter(size, g, intra) + t_across + ring_all_gather(size, g, intra)
 
 
 def torus_dims(p: int) -> tuple[int, int]:

@@ -6,13 +6,18 @@ Per optimizer step, for one device (all devices do the same work in synchronous 
    ``max(F / (peak * compute_eff), M / (memory_bw * memory_eff))`` where F is the counted forward+backward
    FLOPs, M the bytes moved (un-fused, or fused for XLA-style families) in the family's training dtype,
    and the two efficiencies are the family constants of the catalog. ``b`` samples per device cost ``b``
-   times that.
+   times that. On top, every kernel of the step costs a fixed ``kernel_s`` whatever its size (launch gap,
+   ramp-up and tail: the latency term of the kernel, as alpha is of a message; Hockney 1994), times the
+   kernels per step counted from the model (op by op, or only the convolutions/matmuls when fused). This is
+   why a device is less efficient at a small per-device batch: ``throughput(b) = b / (K kernel_s + b t_1)``.
 2. Optimizer update: ``params * 20 bytes`` (read fp32 weight, gradient, momentum; write weight, momentum)
    at the memory bandwidth, plus the family's fixed per-step overhead.
 3. Communication: the gradient all-reduce (``comm``) in the communication dtype, after compression. It
    overlaps with backward in buckets as gradients become ready (Goyal et al. 2017, Section 4; Li et al.
    2020, "PyTorch Distributed", VLDB 13(12), 25 MB buckets):
-   exposed = ``max(t_comm - t_backward, t_last_bucket)``.
+   exposed = ``max(t_comm - t_backward, t_last_bucket)``. Every bucket is one collective call and pays the
+   latency terms again: the library's fixed ``collective_base_s`` and, per ring step across the network,
+   ``max(network latency, net_hop_latency_s)`` (the collective library's per-step latency, e.g. NCCL's).
 4. Model parallelism: ``hybrid:MxD`` (Gholami et al. 2017, "Integrated Model, Batch and Domain Parallelism",
    arXiv 1712.04432) splits every layer across M devices, which exchange activations (all-gather forward,
    reduce-scatter backward) and all-reduce only 1/M of the gradient across D replicas. ``pipeline:S`` (Huang
@@ -77,6 +82,8 @@ class Projection:
     comm_overlap_s: float
     model_parallel_s: float
     bubble_fraction: float
+    kernel_overhead_s: float
+    buckets: int
     input_s: float
     per_device_batch: float
     algorithm: str
@@ -149,6 +156,8 @@ def project(setup: Setup, catalog: Catalog | None = None) -> Projection:
     t_mem = wl.memory_bytes(dtype, fam.fused, b) / (acc.memory_bw * fam.memory_eff)
     bound = "compute" if t_flops >= t_mem else "memory"
     bubble = 0.0
+    kernels = wl.kernels(fam.fused if fam.fused_kernels is None else fam.fused_kernels)
+    t_kernels = kernels * fam.kernel_s            # every device runs (its share of) every kernel
     t_compute = max(t_flops, t_mem) / mp
     t_mp = 0.0
     gamma = REDUCE_BYTES_PER_BYTE / acc.memory_bw
@@ -164,10 +173,12 @@ def project(setup: Setup, catalog: Catalog | None = None) -> Projection:
         m = setup.microbatches or 4 * mp
         bubble = (mp - 1) / (m + mp - 1)
         t_compute = t_compute * (m + mp - 1) / m
+        t_kernels = kernels / mp * (m + mp - 1) * fam.kernel_s   # a stage's kernels per micro-batch slot
         boundary = b * wl.boundary_bytes * act_bytes / max(wl.layers, 1)   # one layer's output, whole batch
         t_mp = 2 * (m * mp_net.alpha + boundary / mp_net.bandwidth)
         if setup.microbatches is None:
             notes.append(f"micro-batches not given: assumed {m} = 4 x stages (GPipe)")
+    t_compute += t_kernels
     bwd_frac = (wl.flops - wl.flops_fwd) / wl.flops if wl.flops else 2 / 3
     t_fwd = t_compute * (1 - bwd_frac)
     t_bwd = t_compute * bwd_frac
@@ -176,12 +187,17 @@ def project(setup: Setup, catalog: Catalog | None = None) -> Projection:
     shard = wl.params / mp
     t_opt = shard * OPTIMIZER_BYTES_PER_PARAM / (acc.memory_bw * fam.memory_eff) + fam.step_overhead_s
 
-    # 3. gradient exchange among the replicas of each shard
-    size = shard * DTYPE_BYTES[comm_dtype] * compression.factor
-    algo = setup.algorithm
-    t_comm, algo = _allreduce(size, replicas, per_node // mp if mp <= per_node else 1, nodes, intra, inter,
-                              acc, algo, compression.summable, mp if mp <= per_node else per_node)
-    last_bucket = t_comm * min(1.0, BUCKET_BYTES / max(size, 1.0))
+    # 3. gradient exchange among the replicas of each shard, one collective per bucket of the gradient
+    raw = shard * DTYPE_BYTES[comm_dtype]
+    buckets = max(1, math.ceil(raw / BUCKET_BYTES))
+    size = raw * compression.factor
+    inter_lat = comm.Net(max(inter.alpha, fam.net_hop_latency_s), inter.bandwidth, inter.gamma)
+    last_bucket, algo = _allreduce(size / buckets, replicas, per_node // mp if mp <= per_node else 1, nodes,
+                                   intra, inter_lat, acc, setup.algorithm, compression.summable,
+                                   mp if mp <= per_node else per_node, fam.tree_allreduce)
+    if last_bucket > 0:
+        last_bucket += fam.collective_base_s
+    t_comm = buckets * last_bucket
     exposed = max(t_comm - t_bwd, last_bucket) if t_comm > 0 else 0.0
 
     # 5. input pipeline
@@ -196,21 +212,24 @@ def project(setup: Setup, catalog: Catalog | None = None) -> Projection:
         total_s=n_steps * step, steps=n_steps, steps_per_epoch=wl.dataset_size / setup.batch, step_s=step,
         compute_s=t_compute, compute_bound=bound, forward_s=t_fwd, backward_s=t_bwd, optimizer_s=t_opt,
         comm_s=t_comm, comm_exposed_s=exposed, comm_overlap_s=t_comm - exposed, model_parallel_s=t_mp,
-        bubble_fraction=bubble, input_s=t_input, per_device_batch=b / (mp if kind == "pipeline" else 1),
+        bubble_fraction=bubble, kernel_overhead_s=t_kernels, buckets=buckets, input_s=t_input,
+        per_device_batch=b / (mp if kind == "pipeline" else 1),
         algorithm=algo, dtype=dtype, comm_bytes=size, peak_flops=peak, achieved_flops=achieved,
         setup={"model": wl.name, "dataset": wl.dataset, "accelerator": acc.name, "devices": setup.devices,
                "per_node": per_node, "nodes": nodes, "interconnect": net_name, "batch": setup.batch,
                "parallel": setup.parallel, "compress": compression.spec, "comm_dtype": comm_dtype,
                "steps_rule": setup.steps.describe(), "family": fam.name, "compute_eff": fam.compute_eff,
-               "memory_eff": fam.memory_eff},
+               "memory_eff": fam.memory_eff, "kernel_s": fam.kernel_s,
+               "net_hop_latency_s": fam.net_hop_latency_s, "collective_base_s": fam.collective_base_s},
         assumptions=notes)
 
 
 def _allreduce(size: float, replicas: int, local: int, nodes: int, intra: comm.Net, inter: comm.Net, acc,
-               algo: str, summable: bool, sharers: int) -> tuple[float, str]:
+               algo: str, summable: bool, sharers: int, tree: bool = False) -> tuple[float, str]:
     """Time of one gradient exchange of ``size`` bytes among ``replicas`` and the algorithm used.
 
-    ``local`` replicas of a shard share a node; ``sharers`` shards share the node's network links.
+    ``local`` replicas of a shard share a node; ``sharers`` shards share the node's network links; ``tree``:
+    the hierarchical all-reduce may use a double binary tree across nodes when it is faster.
     """
     if algo not in comm.ALGORITHMS:
         raise ConfigError(f"unknown --algorithm {algo!r}; known: {', '.join(comm.ALGORITHMS)}")
@@ -232,4 +251,4 @@ def _allreduce(size: float, replicas: int, local: int, nodes: int, intra: comm.N
         return comm.ps_exchange(size, replicas, flat), algo
     if algo == "torus":
         return comm.torus_allreduce(size, replicas, inter, 2 * max(acc.torus, 2)), algo
-    return comm.hierarchical_allreduce(size, groups, local, intra, inter), algo
+    return comm.hierarchical_allreduce(size, groups, local, intra, inter, tree), algo

@@ -8,6 +8,8 @@ so)::
     goyal-2017,p100,256,8,eth-50g,8192,90,3600
 
 Every record is ResNet-50 on ImageNet unless the optional ``model`` and ``dataset`` columns say otherwise.
+Other columns (e.g. ``confidence``, ``source``) are kept out of the model; lines starting with ``#`` (also
+before the header) are comments.
 """
 
 from __future__ import annotations
@@ -51,13 +53,18 @@ def read_records(path: str | Path, catalog: Catalog | None = None) -> list[Recor
         raise DataError(f"records file {path} not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"records file {path}: cannot read: {e}") from None
-    reader = csv.reader(text.splitlines())
+    lines = text.splitlines()
+    skipped = 0
+    while skipped < len(lines) and lines[skipped].lstrip().startswith("#"):   # leading comment lines
+        skipped += 1
+    reader = csv.reader(lines[skipped:])
     header = [h.strip() for h in next(reader, [])]
     missing = [c for c in COLUMNS if c not in header]
     if missing:
-        raise DataError(f"{path}:1: missing column(s) {', '.join(missing)}; expected {','.join(COLUMNS)}")
+        raise DataError(f"{path}:{skipped + 1}: missing column(s) {', '.join(missing)}; "
+                        f"expected {','.join(COLUMNS)}")
     records = []
-    for lineno, row in enumerate(reader, start=2):
+    for lineno, row in enumerate(reader, start=skipped + 2):
         if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
             continue
         if len(row) != len(header):
