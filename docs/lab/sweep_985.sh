@@ -52,6 +52,14 @@ nice -n 19 scalelab noise --config docs/lab/mnist1d_sweep.toml --set train.batch
   --set train.epochs=8 --set train.eval_every=4 --set train.threads=1 --set train.progress=false --every 5 \
   --shards 8 --out runs/lab-sweep-985/noise
 
+# 4b. two single points added at the end (seed 1): SGD at 64 one factor below its search's lowest LR, and K-FAC at
+#     damping 0.1 at 1024
+nice -n 19 scalelab sweep $C --batch 64 --optimizers sgd --set train.seed=1 --lr-guess sgd=0.0125@64:none --lr-mults 1 \
+  --extend 0 --warmup-epochs 0.25 --jobs 1 --out runs/lab-985-sgd-low-seed1
+nice -n 19 scalelab sweep $C --batch 1024 --optimizers kfac --set train.seed=1 --set recipe.kfac_damping=0.1 \
+  --lr-guess kfac=0.1@1024:none --lr-mults 0.5,1,2 --extend 0 --warmup-epochs 0.25 --jobs 1 \
+  --out runs/lab-985-kfac-d0.1-b1024-seed1
+
 # 5. LARS (trust coefficient 0.02) and LAMB, a first pass at the two batches that decide (64 and 1024), seed 0
 nice -n 19 scalelab sweep $C --batch 64,1024 --optimizers lars,lamb --set recipe.trust_coef=0.02 \
   --lr-guess lars=0.4@1024:sqrt --lr-guess lamb=0.02@1024:sqrt --lr-mults 0.5,1,2 --warmup-epochs 0.25 --jobs 2 \
@@ -64,10 +72,10 @@ scalelab report runs/lab-sweep-985
 scalelab report runs/lab-sweep-985-seed1
 R=docs/lab/results; E=$R/sweep-985-extra
 python docs/lab/combine_985.py $R/sweep-985/combined --seed 0=$R/sweep-985,$E/kfac-low,$E/kfac-low128 \
-  --seed 1=$R/sweep-985-seed1,$E/kfac-low-seed1
+  --seed 1=$R/sweep-985-seed1,$E/kfac-low-seed1,$E/sgd-low-seed1
 python docs/lab/combine_985.py $R/sweep-985/combined-with-damping-0.1 \
   --seed 0=$R/sweep-985,$E/kfac-low,$E/kfac-low128,$E/kfac-d0.1,$E/kfac-d0.1-low,$E/kfac-d0.1-b128,$E/sweep-kfac-d0.1-stopped \
-  --seed 1=$R/sweep-985-seed1,$E/kfac-low-seed1,$E/kfac-d0.1-seed1,$E/kfac-d0.1-b128-seed1 \
+  --seed 1=$R/sweep-985-seed1,$E/kfac-low-seed1,$E/sgd-low-seed1,$E/kfac-d0.1-seed1,$E/kfac-d0.1-b128-seed1,$E/kfac-d0.1-b1024-seed1 \
   --rename kfac-d0.1:kfac=kfac-d0.1 --rename kfac-d0.1-low:kfac=kfac-d0.1 --rename kfac-d0.1-b128:kfac=kfac-d0.1 \
   --rename sweep-kfac-d0.1-stopped:kfac=kfac-d0.1 --rename kfac-d0.1-seed1:kfac=kfac-d0.1 \
-  --rename kfac-d0.1-b128-seed1:kfac=kfac-d0.1
+  --rename kfac-d0.1-b128-seed1:kfac=kfac-d0.1 --rename kfac-d0.1-b1024-seed1:kfac=kfac-d0.1
