@@ -53,6 +53,24 @@ def test_search_order_edges_and_divergence():
         spec(target_acc=1.5)
 
 
+def test_search_without_progress_looks_both_ways():
+    """Momentum SGD at batch 4096 in the 95% sweep: the linear rule's LRs all stayed near chance (10 classes), and
+    the best of them (0.26 at x0.5, inside the grid) gave the search no direction, so it stopped."""
+    s = spec(target_acc=0.95, extend=3)
+    stuck = [dict(r(m, "missed"), best_test_acc=a) for m, a in ((0.25, 0.2145), (0.5, 0.264), (1, 0.2265),
+                                                                   (2, 0.1565))]
+    assert next_mults(s, stuck, set(), chance=0.1) == [0.125, 4]      # near chance: one more point on each side
+    # the lower point made progress (>= 0.1 + (0.95 - 0.1) / 2): from there on, towards it only
+    more = stuck + [dict(r(0.125, "missed"), best_test_acc=0.9), dict(r(4, "missed"), best_test_acc=0.1)]
+    assert next_mults(s, more, set(), chance=0.1) == [0.0625]
+    # still nothing anywhere: both sides until --extend is used up on each
+    none = stuck + [dict(r(0.125, "missed"), best_test_acc=0.2), dict(r(4, "missed"), best_test_acc=0.1)]
+    assert next_mults(s, none, set(), chance=0.1) == [0.0625, 8]
+    none += [dict(r(0.0625, "missed"), best_test_acc=0.2), dict(r(8, "missed"), best_test_acc=0.1)]
+    assert next_mults(s, none, set(), chance=0.1) == [16]            # 3 points below the grid: only up
+    assert next_mults(s, none + [dict(r(16, "missed"), best_test_acc=0.1)], set(), chance=0.1) == []
+
+
 def test_budget_is_the_larger_of_epochs_and_steps():
     s = spec(budget_epochs=10, budget_steps=400)
     assert s.budget(8192, 45000) == 400        # 10 epochs would be 50 steps

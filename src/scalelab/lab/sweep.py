@@ -20,7 +20,8 @@ The search, per cell (optimizer, batch, warmup):
 * When the fastest LR lies on the edge of the points tried, the search goes one factor further out, up to
   ``--extend`` times per side (Shallue et al. check that the best point is not on the edge of the search
   space); when every point diverged it goes lower; when none reached the target, towards the edge point with
-  the highest accuracy.
+  the highest accuracy; and when no trial got half-way from chance accuracy to the target, in both directions
+  (the best accuracy among trials near chance is no direction).
 
 The budget of a trial is ``max(round(budget_epochs * (N // B)), budget_steps)`` steps (N training examples):
 ``--budget-epochs`` alone gives a large batch few steps (10 epochs of 45,000 examples are 50 steps at B = 8192),
@@ -297,8 +298,18 @@ def best_of(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     return min(ok, key=lambda r: (r["steps_to_target"], r["lr"])) if ok else None
 
 
-def next_mults(spec: SweepSpec, done: list[dict[str, Any]], running: set[float]) -> list[float]:
-    """The LR multipliers a cell should try next, given its finished trials and those still running."""
+def made_progress(spec: SweepSpec, r: dict[str, Any], chance: float) -> bool:
+    """Whether a trial got at least half-way from chance accuracy to the target (a trial that stayed near chance
+    says nothing about which way the good LRs lie)."""
+    acc = r.get("best_test_acc")
+    return acc is not None and acc >= chance + 0.5 * (spec.target_acc - chance)
+
+
+def next_mults(spec: SweepSpec, done: list[dict[str, Any]], running: set[float],
+               chance: float = 0.0) -> list[float]:
+    """The LR multipliers a cell should try next, given its finished trials and those still running.
+
+    ``chance``: the accuracy of guessing (1 / classes), for the rule on cells where no trial made progress."""
     grid = spec.lr_mults
     center = grid[(len(grid) - 1) // 2] if 1.0 not in grid else 1.0
     tried = {r["mult"] for r in done} | running
@@ -318,6 +329,10 @@ def next_mults(spec: SweepSpec, done: list[dict[str, Any]], running: set[float])
         # best accuracy (when an edge has it), as the optimum may lie outside the grid
         if all(r["status"] == "diverged" for r in done):
             return [lo / step_lo] if n_lo < spec.extend else []
+        if not any(made_progress(spec, r, chance) for r in done):
+            # every trial stayed near chance: the best of them is noise, not a direction, so look both ways
+            # (e.g. momentum SGD at batch 4096 with the linear rule's LRs, which all need a far lower LR)
+            return ([lo / step_lo] if n_lo < spec.extend else []) + ([hi * step_hi] if n_hi < spec.extend else [])
         top = max((r for r in done if r.get("best_test_acc") is not None), key=lambda r: r["best_test_acc"],
                   default=None)
         if top is not None and top["mult"] == lo and n_lo < spec.extend and len(tried) > 1:
@@ -392,7 +407,9 @@ def run_sweep(spec: SweepSpec, out: str | Path, jobs: int = 0, progress: bool = 
     _check_spec(spec, out)
     jobs = jobs or os.cpu_count() or 1
     # generate/cache the data once, here, not in every worker; its size sets the budgets in epochs
-    n_train = len(load_dataset(from_dict(spec.base).data).y_train)
+    data = load_dataset(from_dict(spec.base).data)
+    n_train, chance = len(data.y_train), 1.0 / data.num_classes
+    del data
     done = load_trials(out)
     cells = spec.cells()
     by_cell: dict[tuple, list[dict]] = {c: [] for c in cells}
@@ -414,7 +431,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, jobs: int = 0, progress: bool = 
             for cell in cells:
                 opt, b, w = cell
                 busy = {t.mult for t in running.values() if t.cell == cell}
-                for m in next_mults(spec, by_cell[cell], busy):
+                for m in next_mults(spec, by_cell[cell], busy, chance):
                     t = Trial(opt, b, w, m, spec.guess(opt).at(b) * m)
                     if t.id in done:  # resumed: its result is already in by_cell
                         continue

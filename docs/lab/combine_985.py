@@ -1,0 +1,177 @@
+"""The 98.5% results of docs/lab.md: several sweeps per seed merged, the knees per seed and of the seed mean, the
+bound 1.25 S0 b0 / S_min, and the plot.
+
+    python docs/lab/combine_985.py OUT --seed 0=DIR[,DIR...] --seed 1=DIR[,DIR...] [--rename DIR:OPT=NAME ...]
+
+Each ``--seed`` names the sweep directories of one seed; their trials are merged (ids kept apart by directory)
+and each (optimizer, batch) cell takes its best over all of them, as ``scalelab sweep`` does within one sweep
+(``summarize``): more LR points for a cell can only lower its steps. ``--rename DIR:OPT=NAME`` gives the
+optimizer ``OPT`` of sweep ``DIR`` its own name (another recipe of the same optimizer, e.g. other damping), so
+that it is not merged with the first. The goal (``goal`` in the summary): a knee at least 8x the batch where
+``--goal-of`` (momentum SGD) leaves perfect scaling, checked twice: each recipe's knee from its own start against
+SGD's from its own start, and the knees from the common reference against each other (``met_common`` is false when
+SGD has no knee from the common reference: then the goal's batch is undefined there). The mean over seeds of a cell is the mean of the seeds' best steps (a cell
+that missed in any seed has none). Knees (own start and common reference) come from ``scalelab.lab.knee``,
+exactly as in ``scalelab sweep``. A sweep stopped before its end (no ``sweep.json``) contributes its finished
+trials. Writes ``OUT/summary.json`` and ``OUT/steps_to_target.png``.
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from scalelab.lab.knee import find_knee, fit_mccandlish
+from scalelab.lab.sweep import SweepSpec, load_trials, summarize
+
+
+def load_seed(dirs: list[Path], renames: dict[tuple[str, str], str]) -> tuple[SweepSpec, dict]:
+    trials, spec = [], None
+    for d in dirs:
+        if (d / "sweep.json").exists():
+            s = json.loads((d / "sweep.json").read_text())
+        else:  # a sweep stopped before its end: its spec and finished trials
+            s = {"spec": json.loads((d / "sweep_spec.json").read_text()), "trials": list(load_trials(d).values())}
+        for r in s["trials"]:
+            opt = renames.get((d.name, r["optimizer"]), r["optimizer"])
+            trials.append(dict(r, optimizer=opt, id=f"{r['id']}@{d.name}"))
+        if spec is None:
+            spec = dict(s["spec"])
+    spec["optimizers"] = list(dict.fromkeys(r["optimizer"] for r in trials))
+    spec["batches"] = sorted({r["batch"] for r in trials})
+    sp = SweepSpec(**spec)
+    return sp, summarize(sp, trials)
+
+
+def curve(summary: dict, opt: str, batches: list[int]) -> list[int | None]:
+    by = {r["batch"]: r["steps_to_target"] for r in summary["best"] if r["optimizer"] == opt}
+    return [by.get(b) for b in batches]
+
+
+def knees(batches, curves: dict[str, list], tol: float) -> dict:
+    """Own-start and common-reference knees of each curve, the common reference, S_min and the bound."""
+    firsts = [(b, s) for c in curves.values() for b, s in zip(batches, c) if s is not None]
+    b0 = min(b for b, _ in firsts)
+    ref = (b0, min(s for b, s in firsts if b == b0))
+    s_min = min(s for _, s in firsts)
+    out = {"common_ref": {"batch": ref[0], "steps": ref[1]}, "s_min": s_min,
+           "bound_common": tol * ref[0] * ref[1] / s_min, "optimizers": {}}
+    for opt, c in curves.items():
+        own = find_knee(batches, c, tol).to_dict()
+        com = find_knee(batches, c, tol, ref=ref).to_dict()
+        fit = fit_mccandlish(batches, c)
+        mine = [s for s in c if s is not None]
+        out["optimizers"][opt] = {
+            "steps": dict(zip(map(str, batches), c)), "knee_own": own["batch"], "own_ratios": own["ratios"],
+            "own_first_off": own["first_off"], "knee_common": com["batch"], "common_ratios": com["ratios"],
+            "common_first_off": com["first_off"], "mccandlish_b_noise": fit[0] if fit else None,
+            "own_bound": (tol * own["ref_batch"] * own["ref_steps"] / min(mine)) if mine else None}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--seed", action="append", required=True, metavar="NAME=DIR[,DIR...]")
+    ap.add_argument("--rename", action="append", default=[], metavar="DIR:OPT=NAME")
+    ap.add_argument("--goal-of", default="sgd", help="the peer whose knee x 8 is the goal (default sgd)")
+    a = ap.parse_args()
+    renames = {}
+    for item in a.rename:
+        d, _, rest = item.partition(":")
+        opt, _, name = rest.partition("=")
+        renames[(Path(d).name, opt)] = name
+    seeds = {}
+    for item in a.seed:
+        name, _, dirs = item.partition("=")
+        seeds[name] = load_seed([Path(d) for d in dirs.split(",")], renames)
+    tol = next(iter(seeds.values()))[0].tol
+    batches = sorted({b for sp, _ in seeds.values() for b in sp.batches})
+    opts = list(dict.fromkeys(o for sp, _ in seeds.values() for o in sp.optimizers))
+    result = {"tol": tol, "batches": batches, "seeds": {}, "trials": {}}
+    per_seed_curves = {}
+    for name, (sp, summ) in seeds.items():
+        cs = {o: curve(summ, o, batches) for o in opts if o in sp.optimizers}
+        per_seed_curves[name] = cs
+        result["seeds"][name] = knees(batches, cs, tol)
+        result["trials"][name] = summ["counts"]
+    mean = {}
+    for o in opts:
+        vals = []
+        for i, _ in enumerate(batches):
+            xs = [c[o][i] for c in per_seed_curves.values() if o in c]
+            vals.append(sum(xs) / len(xs) if xs and all(x is not None for x in xs)
+                        and len(xs) == len(per_seed_curves) else None)
+        mean[o] = vals
+    mean = {o: c for o, c in mean.items() if any(v is not None for v in c)}
+    result["mean"] = knees(batches, mean, tol) if mean else None
+    for name, k in [*result["seeds"].items(), ("mean", result["mean"])]:
+        if not k:
+            continue
+        g = k["optimizers"].get(a.goal_of)
+        if g:
+            # the goal's peer: the batch where the peer (momentum SGD) leaves perfect scaling, measured the same way
+            # as the recipe's knee (own start against own start, common reference against common reference)
+            need_own = 8 * g["knee_own"] if g["knee_own"] else None
+            need_common = 8 * g["knee_common"] if g["knee_common"] else None
+            k["goal"] = {"peer_knee_own": g["knee_own"], "peer_knee_common": g["knee_common"],
+                         "needed_own": need_own, "needed_common": need_common,
+                         "met_own": {o: bool(need_own and v["knee_own"] and v["knee_own"] >= need_own)
+                                     for o, v in k["optimizers"].items() if o != a.goal_of},
+                         "met_common": {o: bool(need_common and v["knee_common"] and v["knee_common"] >= need_common)
+                                        for o, v in k["optimizers"].items() if o != a.goal_of}}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(result, indent=1))
+    plot(out / "steps_to_target.png", batches, per_seed_curves, mean, result, tol,
+         next(iter(seeds.values()))[0].target_acc)
+    for name, k in [*result["seeds"].items(), ("mean", result["mean"])]:
+        if not k:
+            continue
+        print(f"seed {name}: common ref {k['common_ref']}, S_min {k['s_min']}, bound {k['bound_common']:.0f}")
+        for o, v in k["optimizers"].items():
+            print(f"  {o:>10}: {v['steps']}  knee own {v['knee_own']} (first off {v['own_first_off']}), "
+                  f"common {v['knee_common']} (first off {v['common_first_off']})")
+        if "goal" in k:
+            print(f"  goal: {k['goal']}")
+
+
+def plot(path, batches, per_seed, mean, result, tol, target):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scalelab.lab.plotting import finish
+    from scalelab.lab.sweep_plots import COLORS
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    opts = list(dict.fromkeys(o for c in per_seed.values() for o in c))
+    marks = ["x", "+", "1", "2"]
+    for i, o in enumerate(opts):
+        c = COLORS[i % len(COLORS)]
+        for j, (name, cs) in enumerate(per_seed.items()):
+            if o in cs:
+                pts = [(b, s) for b, s in zip(batches, cs[o]) if s is not None]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marks[j % len(marks)], color=c, markersize=8,
+                        label=f"{o}: seed {name}")
+        if o in mean:
+            pts = [(b, s) for b, s in zip(batches, mean[o]) if s is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=c, label=f"{o}: mean over seeds")
+            k = result["mean"]["optimizers"][o]
+            for kb, star, lab in ((k["knee_own"], "*", "knee (own start)"), (k["knee_common"], "D", "knee (common)")):
+                if kb:
+                    ax.plot([kb], [dict(pts)[kb]], star, color=c, markersize=14 if star == "*" else 8,
+                            markeredgecolor="k", label=f"{o}: {lab} B={kb}")
+    if result["mean"]:
+        ref = result["mean"]["common_ref"]
+        bb = [b for b in batches if b >= ref["batch"]]
+        ax.plot(bb, [ref["steps"] * ref["batch"] / b for b in bb], "k:", label="perfect scaling (common ref.)")
+        ax.plot(bb, [tol * ref["steps"] * ref["batch"] / b for b in bb], "k--", alpha=0.5,
+                label=f"{tol:g} x perfect scaling")
+    finish(fig, ax, path, xlabel="global batch size", ylabel="steps to target (best over the LR search)",
+           title=f"mnist1d / cnn1d: steps to {target:g} test accuracy, per seed and mean", xlog=2, legend_size=6)
+
+
+if __name__ == "__main__":
+    main()
