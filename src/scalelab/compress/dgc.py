@@ -17,9 +17,10 @@ paper leaves them open. Per worker ``k`` and flat tensor, with momentum ``m``:
   more than ``k`` entries pass, take the exact top-k among those that passed; if too few, lower it by 0.8.
 
 The update sent is the sum over workers of the sparse ``v``, divided by ``N``; the optimizer then applies
-``w <- w - lr * update`` with *no momentum of its own* (the momentum lives here; the trainer sets the optimizer's
-momentum to 0 when DGC runs, see :func:`scalelab.compress.optimizer_recipe`). Tensors that are 1-D or small are
-all-reduced densely every step; for them ``u`` is averaged instead, which equals momentum after averaging.
+``w <- w - lr * update`` with *no momentum on the gradient* (the momentum lives here) and the weight decay with a
+momentum buffer of its own, as the reference code does (:func:`scalelab.compress.dgc_optimizer`). Tensors that are
+1-D or small are all-reduced densely every step; for them ``u`` is averaged instead, which equals momentum after
+averaging.
 """
 
 from __future__ import annotations
