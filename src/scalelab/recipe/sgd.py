@@ -76,13 +76,10 @@ class SGD(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, m = group["lr"], group["momentum"]
             for p, g in params_with_grads(group, "SGD"):
-                if not group.get("grad_momentum", True):  # DGC: g carries its momentum; d is the decay alone
-                    d = p * group["weight_decay"] if group["weight_decay"] else None
-                    p.sub_(g, alpha=lr)
-                    if d is None:
-                        continue
-                else:
-                    d = add_decayed_weights(g, p, group["weight_decay"])
+                if not group.get("grad_momentum", True):  # DGC: g carries its momentum
+                    self._decay_momentum_step(p, g, group, lr, m)
+                    continue
+                d = add_decayed_weights(g, p, group["weight_decay"])
                 if m == 0.0:
                     p.add_(d, alpha=-lr)
                     continue
@@ -95,3 +92,19 @@ class SGD(torch.optim.Optimizer):
                 else:
                     p.sub_(v)
         return loss
+
+    def _decay_momentum_step(self, p, g, group, lr: float, m: float) -> None:
+        """``grad_momentum=False``: ``w <- w - lr g``, and the decay ``wd * w`` through the velocity (in place, no
+        full-size temporary: this runs on every step of DGC, whose step is a few passes over the weights)."""
+        wd = group["weight_decay"]
+        if not wd or m == 0.0:
+            p.mul_(1.0 - lr * wd).sub_(g, alpha=lr)
+            return
+        state = ensure_state(self.state[p], p, "velocity")
+        ratio = lr_ratio(lr, state.get("prev_lr"), group["momentum_correction"])
+        v = state["velocity"].mul_(m * ratio).add_(p, alpha=lr * wd)  # v <- m ratio v + lr wd w
+        state["prev_lr"] = lr
+        if group["nesterov"]:
+            p.mul_(1.0 - lr * wd).sub_(g, alpha=lr).sub_(v, alpha=m)  # w - lr (g + wd w) - m v
+        else:
+            p.sub_(g, alpha=lr).sub_(v)
