@@ -400,6 +400,22 @@ def test_dgc_state_follows_parameters_when_ddp_rebuilds_buckets():
         torch.testing.assert_close(after[kept], 0.5 * u_before[id(p)][kept])
 
 
+def test_dgc_min_entries_is_a_floor_per_tensor():
+    """``compress.dgc_min_entries``: a small tensor sends about that many entries (its largest), a large one its
+    density."""
+    big, small = torch.nn.Parameter(torch.zeros(100, 40)), torch.nn.Parameter(torch.zeros(10, 8))
+    h, _ = _hook("dgc", step=0, extra=["compress.density=0.01", "compress.dgc_min_entries=20",
+                                        "recipe.momentum=0", "recipe.nesterov=false"])
+    torch.manual_seed(0)
+    bk = _Bucket([big, small])
+    g = bk.buf.clone()
+    out = h(bk).wait()
+    sent = out[4000:] != 0
+    assert 0.8 * 20 <= sent.sum() <= 1.3 * 20  # about 20; 80 entries at density 0.01 would send 1
+    assert g[4000:].abs()[sent].min() >= g[4000:].abs()[~sent].max()  # the largest ones
+    assert 0.8 * 40 <= (out[:4000] != 0).sum() <= 1.3 * 40  # density 0.01 of 4000 (above the floor)
+
+
 def _piece(lay, name, p):
     from scalelab.compress.hooks import STATE_PART
     off, n = lay.span(id(p), STATE_PART[name])
