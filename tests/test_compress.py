@@ -401,8 +401,8 @@ def test_dgc_state_follows_parameters_when_ddp_rebuilds_buckets():
 
 
 def test_dgc_min_entries_is_a_floor_per_tensor():
-    """``compress.dgc_min_entries``: a small tensor sends about that many entries (its largest), a large one its
-    density."""
+    """``compress.dgc_min_entries``: a small tensor sends about that many entries (its largest), a large one
+    its density."""
     big, small = torch.nn.Parameter(torch.zeros(100, 40)), torch.nn.Parameter(torch.zeros(10, 8))
     h, _ = _hook("dgc", step=0, extra=["compress.density=0.01", "compress.dgc_min_entries=20",
                                         "recipe.momentum=0", "recipe.nesterov=false"])

@@ -503,7 +503,8 @@ class CompressionHook:
         kmin = self.c.dgc_min_entries  # a floor per tensor: small tensors would send a handful of entries
         dens = {pid: max(density, min(1.0, kmin / nt)) for pid, _, nt in lay.comp_params}
         # at most ceil(1.3 k) entries of each tensor (the selection's bound), known to every worker in advance
-        cap = sum(min(nt, math.ceil(1.3 * max(1, math.ceil(dens[pid] * nt)))) for pid, _, nt in lay.comp_params)
+        cap = sum(min(nt, math.ceil(1.3 * max(1, math.ceil(dens[pid] * nt))))
+                  for pid, _, nt in lay.comp_params)
         futs, buf_d = [], None
         if m and choose(numel, cap, elem, n, self.cost).mode == "sparse" and lay.dense.numel():
             # the sparse messages carry the compressed positions only: the dense ones get their own all-reduce
