@@ -62,7 +62,7 @@ BASE = ["data.name=mnist1d", "model.name=mlp", "model.width=1536", "model.depth=
         f"train.eval_every={EVAL_EVERY}", "train.log_every=25", "train.threads=1", "train.progress=false",
         "train.checkpoint_every=100000", f"compress.warmup_steps={WARMUP}", "compress.min_numel=4096"]
 PER_METHOD = {
-    "dgc": ["compress.density=0.001", "compress.dgc_warmup_epochs=0.05"],
+    "dgc": ["compress.density=0.001", "compress.dgc_warmup_epochs=0.05", "compress.dgc_min_entries=1000"],
     "topk": ["compress.density=0.001"],
     "randomk": ["compress.density=0.01"],
     "powersgd": ["compress.powersgd_rank=2"],
