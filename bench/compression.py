@@ -89,7 +89,8 @@ def run_one(method: str, rate: str, nodes: int, target: float, port: int, extra:
             cmd = ["bash", str(MULTINODE), str(nodes), "--rate", rate, "--port", str(port), "--timeout", "900",
                    "--", "--out", str(out), *args]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+        # a full run is niced on a shared machine: 3000 steps of 4 workers took more than 20 min there
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=4 * 3600 if full else 1200)
         wall = time.perf_counter() - t0
         if proc.returncode != 0 or not (out / "summary.json").exists():
             return {"method": method, "rate": rate, "nodes": nodes, "error": (proc.stdout + proc.stderr)[-3000:],
