@@ -11,7 +11,8 @@ all-reduce of 9.8 MB takes 78 ms at 1 Gbit/s: the gradients dominate the step), 
 at 2 hosts), SGD with Nesterov momentum 0.9, LR 0.05 with a 0.1-epoch warm-up, cosine, 3000 steps (4.3 epochs of
 the 45 000 training samples; test set 5 000). Every method starts with 20 steps of plain all-reduce; DGC then
 warms its sparsity up over 0.05 epochs (35 steps: 75%, 93.75%, 98.4%, 99.6%) to 99.9% (the paper spends 4 of
-90-164 epochs on it). Timed runs stop at ``--target`` (``train.target_acc``); ``--full`` runs the whole schedule
+90-164 epochs on it), with at least 1000 entries per tensor and step (``compress.dgc_min_entries``: at 0.1% the
+15 k-entry classifier would send 15). Timed runs stop at ``--target`` (``train.target_acc``); ``--full`` runs the whole schedule
 for the final accuracy (the training is deterministic: the link changes the clock, not the numbers). One worker per emulated host: ``scripts/multinode_train.sh N --rate RATE`` makes N
 network namespaces on a bridge with a token-bucket-shaped link each (tc tbf), runs ``scalelab train`` in each
 through torchrun, and tears them down whatever happens. ``loopback`` is ``scalelab train --nproc N`` (gloo over
