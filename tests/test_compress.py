@@ -400,6 +400,22 @@ def test_dgc_state_follows_parameters_when_ddp_rebuilds_buckets():
         torch.testing.assert_close(after[kept], 0.5 * u_before[id(p)][kept])
 
 
+def test_dgc_min_entries_is_a_floor_per_tensor():
+    """``compress.dgc_min_entries``: a small tensor sends about that many entries (its largest), a large one
+    its density."""
+    big, small = torch.nn.Parameter(torch.zeros(100, 40)), torch.nn.Parameter(torch.zeros(10, 8))
+    h, _ = _hook("dgc", step=0, extra=["compress.density=0.01", "compress.dgc_min_entries=20",
+                                        "recipe.momentum=0", "recipe.nesterov=false"])
+    torch.manual_seed(0)
+    bk = _Bucket([big, small])
+    g = bk.buf.clone()
+    out = h(bk).wait()
+    sent = out[4000:] != 0
+    assert 0.8 * 20 <= sent.sum() <= 1.3 * 20  # about 20; 80 entries at density 0.01 would send 1
+    assert g[4000:].abs()[sent].min() >= g[4000:].abs()[~sent].max()  # the largest ones
+    assert 0.8 * 40 <= (out[:4000] != 0).sum() <= 1.3 * 40  # density 0.01 of 4000 (above the floor)
+
+
 def _piece(lay, name, p):
     from scalelab.compress.hooks import STATE_PART
     off, n = lay.span(id(p), STATE_PART[name])
@@ -444,6 +460,76 @@ def test_error_feedback_state_survives_a_checkpoint_and_new_buckets():
         torch.testing.assert_close(sent + _piece(h2._layouts[0], "e", p), e1[id(p)])
     with pytest.raises(ValueError, match="cannot be loaded"):
         _hook("dgc", step=0)[0].load_state_dict(saved, params)
+
+
+def _dgc_vs_momentum_sgd(rank, world, nesterov, warmup=4, steps=7):
+    """DGC through the hook and the optimizer as the trainer builds them, against the paper's math (one worker).
+
+    Stand-in buckets hold a weight (compressed) and a bias (dense path); every worker has its own gradient
+    sequence, which does not depend on the weights, and the LR changes from step to step. Returns the largest
+    differences: during the plain warm-up both tensors against ``torch.optim.SGD`` (momentum, Nesterov, weight
+    decay on the weight) on the averaged gradients, i.e. dense momentum SGD; after it (density 1: everything is
+    sent) the bias still against that, and the weight against the paper's per-worker formulas: ``u_k <- m u_k +
+    g_k`` (Nesterov ``u_k <- m (u_k + g_k)``, sending ``u_k + g_k``), ``v_k <- v_k + u_k``, send ``v_k``, then
+    ``u_k``, ``v_k`` masked to 0; the weight decay with its own momentum buffer, never sparsified."""
+    from types import SimpleNamespace
+
+    from scalelab.compress import CompressionHook, dgc_optimizer
+    from scalelab.parallel.runtime import CommStats
+    from scalelab.recipe import SGD
+    m, wd, lrs = 0.9, 0.05, [0.1, 0.3, 0.3, 0.2, 0.05, 0.4, 0.1]
+    cfg = load_config(None, ["compress.method=dgc", "compress.density=1.0", f"compress.warmup_steps={warmup}",
+                             "compress.min_numel=16", f"recipe.momentum={m}", f"recipe.nesterov={nesterov}",
+                             f"recipe.weight_decay={wd}"])
+    init = torch.Generator().manual_seed(5)
+    w, b = (torch.nn.Parameter(torch.randn(s, generator=init, dtype=torch.float64)) for s in ((8, 6), (6,)))
+    wr, br, wp = (x.detach().clone().requires_grad_() for x in (w, b, w))  # dense reference; paper's DGC weight
+    rt = SimpleNamespace(world_size=world, rank=rank, group=dist.group.WORLD, comm=CommStats(), step=0)
+    hook = CompressionHook(rt, cfg, steps_per_epoch=100)
+    hook.bind([w, b])
+    opt = dgc_optimizer(SGD([{"params": [w], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}], lr=0.1,
+                            momentum=m, nesterov=nesterov), cfg, world)
+    ref = torch.optim.SGD([{"params": [wr], "weight_decay": wd}, {"params": [br], "weight_decay": 0.0}], lr=0.1,
+                          momentum=m, nesterov=nesterov)
+    uk = [torch.zeros(48, dtype=torch.float64) for _ in range(world)]  # the paper's per-worker u (weight)
+    uw = torch.zeros(48, dtype=torch.float64)  # its weight-decay momentum
+    err = {"warmup": 0.0, "bias": 0.0, "weight": 0.0}
+    for s, lr in enumerate(lrs):
+        gs = [torch.randn(54, generator=torch.Generator().manual_seed(100 * s + k), dtype=torch.float64)
+              for k in range(world)]
+        bk = _Bucket([w, b], fill=lambda p: gs[rank][:48] if p is w else gs[rank][48:])
+        rt.step = s
+        hook(bk).wait()
+        w.grad, b.grad = (x.view(p.shape).clone() for x, p in zip(bk.gradients(), (w, b)))
+        gbar = sum(gs) / world
+        wr.grad, br.grad = gbar[:48].view(8, 6).clone(), gbar[48:].clone()
+        for o in (opt, ref):
+            for grp in o.param_groups:
+                grp["lr"] = lr
+        sent = []
+        for k in range(world):  # the paper's DGC on the weight (the warm-up sends the velocity unmasked)
+            g = gs[k][:48]
+            if nesterov:
+                uk[k] = m * (uk[k] + g)
+                sent.append(uk[k] + g)
+            else:
+                uk[k] = m * uk[k] + g
+                sent.append(uk[k].clone())
+            if s >= warmup:
+                uk[k] = torch.zeros(48, dtype=torch.float64)  # density 1: every entry sent and masked
+        wflat = wp.detach().view(-1)
+        uw = m * uw + wd * wflat
+        step_wd = wd * wflat + m * uw if nesterov else uw
+        with torch.no_grad():
+            wp -= (lr * (sum(sent) / world + step_wd)).view(8, 6)
+        opt.step()
+        ref.step()
+        with torch.no_grad():
+            if s < warmup:
+                err["warmup"] = max(err["warmup"], float((w - wr).abs().max()), float((b - br).abs().max()))
+            err["bias"] = max(err["bias"], float((b - br).abs().max()))
+            err["weight"] = max(err["weight"], float((w - wp).abs().max()))
+    return err
 
 
 def _hooks_worker(rank, world, port, q):
@@ -501,17 +587,21 @@ def _hooks_worker(rank, world, port, q):
         expect = torch.cat([sum(x[:48].abs().mean() * torch.where(x[:48] >= 0, 1.0, -1.0) for x in both) / world,
                             sum(x[48:] for x in both) / world])
         efsign_ok = torch.allclose(out, expect, atol=1e-6) and h.stats.bytes < 48 * 4
-        q.put((rank, (same, iters, efsign_ok)))
+        dgc_err = max(max(_dgc_vs_momentum_sgd(rank, world, nesterov).values()) for nesterov in (False, True))
+        q.put((rank, (same, iters, efsign_ok, dgc_err < 1e-12)))
     finally:
         dist.destroy_process_group()
 
 
-def test_hooks_in_two_real_workers_powersgd_resume_and_efsign():
+def test_hooks_in_two_real_workers_powersgd_resume_efsign_and_dgc_momentum():
     """2 gloo workers, the hook on stand-in buckets. torch's PowerSGD state (error, P, Q per bucket, step, random
     state), saved per parameter and restored after the buckets changed (a resumed DDP starts with its first
-    layout), continues bit for bit. EF-sign's exchange equals the mean of the workers' scaled signs."""
+    layout), continues bit for bit. EF-sign's exchange equals the mean of the workers' scaled signs. DGC with the
+    trainer's optimizer is dense momentum SGD with weight decay during its warm-up, keeps momentum SGD on the
+    densely exchanged bias after it, and follows the paper's formulas on the weight (:func:`_dgc_vs_momentum_sgd`),
+    heavy ball and Nesterov."""
     got = _run_workers(_hooks_worker, 2)
-    assert got == {0: (True, 8, True), 1: (True, 8, True)}
+    assert got == {0: (True, 8, True, True), 1: (True, 8, True, True)}
 
 
 def test_powersgd_bytes_mirror_the_torch_hook():

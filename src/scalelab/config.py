@@ -191,6 +191,8 @@ class CompressConfig:
                                                    "these epochs, then 1 - density; 0 = off")
     dgc_clip: float = _f(0.0, lo=0.0, doc="dgc: local gradient clipping, each worker clips the norm of its whole "
                                           "gradient to dgc_clip / sqrt(N); 0 = off")
+    dgc_min_entries: int = _f(0, lo=0, doc="dgc: each compressed tensor sends at least this many entries per "
+                                           "step (all of a smaller one); 0 = density for every tensor (paper)")
     dgc_sample: float = _f(0.01, lo=0.0, lo_open=True, hi=1.0, doc="dgc: fraction sampled to find the threshold")
     min_numel: int = _f(1024, lo=0, doc="tensors smaller than this (and 1-D ones) are all-reduced densely "
                                         "(all methods but powersgd, fp16, bf16)")

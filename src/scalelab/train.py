@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from scalelab import checkpoint as ckpt
-from scalelab.compress import gather_state, optimizer_recipe, restore_state
+from scalelab.compress import dgc_optimizer, gather_state, restore_state
 from scalelab.config import Config, save_config
 from scalelab.data import DATASETS, Dataset, epoch_order, load_dataset
 from scalelab.errors import ConfigError, DataError, DivergenceError, ScalelabError, unknown_name
@@ -294,7 +294,7 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         base = build_model(cfg.model, data.input_shape, data.num_classes).to(device, dtype)
-        opt = build_optimizer(optimizer_recipe(cfg, world), base, spe, global_batch=plan.base)  # DGC: momentum in hook
+        opt = build_optimizer(cfg.recipe, base, spe, global_batch=plan.base)
         sched = build_schedule(cfg.recipe, plan.base, spe, total_ref)
         if resume_state is not None:
             base.load_state_dict(resume_state["model"])
@@ -304,6 +304,7 @@ class Trainer:
                       f"in {self.out}")
             if resized:
                 self._log(resized)
+        dgc_optimizer(opt, cfg, world)  # DGC keeps the gradient's momentum in the hook (after a resume too)
         c.world_size = world
         backup = BackupSync(rt, used) if cfg.parallel.backup_workers else None
         model = rt.wrap(base, cfg, ddp=backup is None, steps_per_epoch=spe)

@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from scalelab.compress.compressors import (QSGD, ErrorFeedback, MajoritySign, RandomK, ScaledSign, TernGrad, TopK,
                                            pack_bits, selected_dense, unpack_bits)
 from scalelab.compress.dgc import DGC, sampled_threshold_select, warmup_density
@@ -18,21 +16,29 @@ from scalelab.compress.hooks import (CompressionHook, CompressStats, compress_ho
 from scalelab.compress.sparse import CostModel, choose, sparse_allreduce
 
 
-def optimizer_recipe(cfg, world_size: int):
-    """The recipe the optimizer is built from: with DGC on several workers, without momentum.
+def dgc_optimizer(opt, cfg, world_size: int):
+    """Under DGC on several workers, the optimizer's momentum runs on the weight decay only; returns ``opt``.
 
-    DGC's momentum correction keeps the momentum in the compressor (``u``, ``v`` per worker); a second momentum
-    in the optimizer would apply it twice. So under ``compress.method=dgc`` (and more than one worker) the optimizer
-    runs with ``momentum=0`` (weight decay is still applied by the optimizer, outside the compression, as in the
-    reference code, but without a momentum buffer of its own). Alone (one process) there is no hook, and the
-    optimizer keeps its momentum.
+    DGC's momentum correction keeps the gradient's momentum in the compressor (``u``, ``v`` per worker, and the
+    averaged local velocity for the densely exchanged tensors), so the gradient that reaches the optimizer already
+    carries its momentum. The weight decay stays out of the compression with a momentum buffer of its own, as in
+    the reference code (Lin et al. 2018, arXiv 1712.01887; ``synxlin/deep-gradient-compression``): every param
+    group gets ``grad_momentum=False`` (:class:`scalelab.recipe.SGD`), and the groups keep the recipe's momentum,
+    Nesterov form, weight decay (none on biases and norm parameters) and LR schedule, as the dense run has them.
+    Alone (one process) there is no hook, and the momentum is the optimizer's as usual. Set both ways, so that a
+    checkpoint's param groups (restored by ``load_state_dict``) follow this run, e.g. after an elastic resize.
     """
-    if cfg.compress.method != "dgc" or world_size <= 1:
-        return cfg.recipe
-    return dataclasses.replace(cfg.recipe, momentum=0.0, nesterov=False)
+    dgc = cfg.compress.method == "dgc" and world_size > 1
+    if dgc and not all("grad_momentum" in g for g in opt.param_groups):
+        raise ValueError(f"compress.method=dgc needs recipe.optimizer=sgd (momentum on the weight decay only), "
+                         f"got {type(opt).__name__}")
+    for g in opt.param_groups:
+        if "grad_momentum" in g:
+            g["grad_momentum"] = not dgc
+    return opt
 
 
 __all__ = ["CompressionHook", "CompressStats", "compress_hook", "powersgd_bytes", "CostModel", "choose",
            "sparse_allreduce", "DGC", "sampled_threshold_select", "warmup_density", "TopK", "RandomK", "ScaledSign",
            "MajoritySign", "QSGD", "TernGrad", "ErrorFeedback", "pack_bits", "unpack_bits", "selected_dense",
-           "optimizer_recipe", "gather_state", "restore_state"]
+           "dgc_optimizer", "gather_state", "restore_state"]

@@ -17,9 +17,10 @@ paper leaves them open. Per worker ``k`` and flat tensor, with momentum ``m``:
   more than ``k`` entries pass, take the exact top-k among those that passed; if too few, lower it by 0.8.
 
 The update sent is the sum over workers of the sparse ``v``, divided by ``N``; the optimizer then applies
-``w <- w - lr * update`` with *no momentum of its own* (the momentum lives here; the trainer sets the optimizer's
-momentum to 0 when DGC runs, see :func:`scalelab.compress.optimizer_recipe`). Tensors that are 1-D or small are
-all-reduced densely every step; for them ``u`` is averaged instead, which equals momentum after averaging.
+``w <- w - lr * update`` with *no momentum on the gradient* (the momentum lives here) and the weight decay with a
+momentum buffer of its own, as the reference code does (:func:`scalelab.compress.dgc_optimizer`). Tensors that are
+1-D or small are all-reduced densely every step; for them ``u`` is averaged instead, which equals momentum after
+averaging.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def warmup_density(epoch: float, final: float, warmup_epochs: float) -> float:
     return max(final, WARMUP_DENSITIES[stage])
 
 
-# block length of the candidate search: the block maxima of |x| cost two reduction passes (max, min) and, at the
-# final density 0.1%, leave about 3% of the blocks to look into
+# group size of the candidate search: the group maxima of |x| cost two reduction passes (max, min) and, at the
+# final density 0.1%, leave about 3% of the groups to look into
 BLOCK = 32
 
 
@@ -61,8 +62,9 @@ def sampled_threshold_select(x: torch.Tensor, density: float, sample: float = 0.
     (at most ``rounds`` times). The sample's random offset comes from ``generator``, or is ``offset`` (taken modulo
     the stride; the hooks derive it from the step and the parameter, so that it does not depend on how DDP
     groups the parameters into buckets). No sort of the whole tensor, and at low density no full-length temporary either:
-    the compare runs on the blocks of ``BLOCK`` entries whose maximum magnitude passes (block maxima from one
-    max and one min reduction), so the full-length work is two reading passes whatever the number of rounds.
+    the compare runs on the groups of ``BLOCK`` entries (strided by ``n // BLOCK``) whose maximum magnitude passes
+    (group maxima from one max and one min reduction), so the full-length work is two reading passes whatever the
+    number of rounds.
     """
     n = x.numel()
     k = max(1, math.ceil(density * n))
@@ -94,22 +96,24 @@ def sampled_threshold_select(x: torch.Tensor, density: float, sample: float = 0.
             thr = thr * 0.8
         return idx
     nb = n // BLOCK
-    blocks = x[:nb * BLOCK].view(nb, BLOCK)
-    bmax = torch.maximum(blocks.amax(1), blocks.amin(1).neg_())  # max |x| per block
+    # group j holds the entries j, j + nb, ..., j + (BLOCK - 1) nb: its maximum is an elementwise max over BLOCK
+    # contiguous rows (a vectorised pass), where a max over contiguous blocks of BLOCK entries reduces short rows
+    rows = x[:nb * BLOCK].view(BLOCK, nb)
+    gmax = torch.maximum(rows.amax(0), rows.amin(0).neg_())  # max |x| per group
     tail, tail_at = x[nb * BLOCK:].abs(), nb * BLOCK
-    idx = sub = None
+    idx = None
     for _ in range(rounds):
-        cand = torch.nonzero(bmax >= thr).view(-1)
-        sub = blocks[cand].abs_()  # only the candidate blocks are copied
+        cand = torch.nonzero(gmax >= thr).view(-1)
+        sub = rows[:, cand].abs_()  # only the candidate groups are copied
         hit = torch.nonzero(sub >= thr)
-        idx = torch.cat([cand[hit[:, 0]] * BLOCK + hit[:, 1], torch.nonzero(tail >= thr).view(-1) + tail_at])
+        idx = torch.cat([hit[:, 0] * nb + cand[hit[:, 1]], torch.nonzero(tail >= thr).view(-1) + tail_at])
         if idx.numel() > 1.3 * k:
             a = x[idx].abs_()
             return idx[torch.topk(a, k, sorted=False).indices].sort().values
         if idx.numel() >= 0.8 * k:
             break
         thr = thr * 0.8
-    return idx
+    return idx.sort().values
 
 
 class DGC:

@@ -500,8 +500,11 @@ class CompressionHook:
             buf[a:b].zero_()  # the gradient is in v now; the sum of the messages is added here
         m = lay.comp.numel()
         density = self.density()
+        kmin = self.c.dgc_min_entries  # a floor per tensor: small tensors would send a handful of entries
+        dens = {pid: max(density, min(1.0, kmin / nt)) for pid, _, nt in lay.comp_params}
         # at most ceil(1.3 k) entries of each tensor (the selection's bound), known to every worker in advance
-        cap = sum(min(nt, math.ceil(1.3 * max(1, math.ceil(density * nt)))) for _, _, nt in lay.comp_params)
+        cap = sum(min(nt, math.ceil(1.3 * max(1, math.ceil(dens[pid] * nt))))
+                  for pid, _, nt in lay.comp_params)
         futs, buf_d = [], None
         if m and choose(numel, cap, elem, n, self.cost).mode == "sparse" and lay.dense.numel():
             # the sparse messages carry the compressed positions only: the dense ones get their own all-reduce
@@ -513,7 +516,7 @@ class CompressionHook:
             idxs, vals = [], []
             for pid, a, nt in lay.comp_params:
                 off = mix_seed(self.seed, self.rt.rank, self.step, self._pindex(pid))
-                i, x = self.dgc.select_and_mask(u[a:a + nt], v[a:a + nt], density, offset=off)
+                i, x = self.dgc.select_and_mask(u[a:a + nt], v[a:a + nt], dens[pid], offset=off)
                 idxs.append(i.add_(a))
                 vals.append(x)
             idx, vals = torch.cat(idxs), torch.cat(vals).div_(n)  # average: divide the k values, not the sum

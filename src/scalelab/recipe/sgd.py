@@ -23,6 +23,13 @@ class SGD(torch.optim.Optimizer):
     only reaches the velocity gradually, which is what Goyal et al. warn about for large jumps in the LR.
     The LR of the previous step is kept per parameter in the optimizer state, so resuming is exact.
 
+    A group with ``grad_momentum=False`` takes gradients whose momentum was already applied elsewhere (Deep
+    Gradient Compression's momentum correction in the comm hook, Lin et al. 2018, arXiv 1712.01887): the
+    gradient is applied as it is, ``w <- w - lr_t * g``, and the momentum (with the correction and the Nesterov
+    form above) runs on the weight-decay term ``wd * w`` alone, in its own buffer, as the DGC reference code
+    does. Momentum being linear, the sum equals the update above for ``d = g + wd * w`` when ``g`` is the
+    gradient's momentum (or Nesterov) direction.
+
     Args:
         params: parameters or param-group dicts; groups may set ``lr``, ``momentum``, ``weight_decay``... A
             ``trust`` key (from :func:`~scalelab.recipe.param_groups`) is accepted and has no effect here.
@@ -30,6 +37,7 @@ class SGD(torch.optim.Optimizer):
         momentum: ``m``; 0 gives plain SGD.
         nesterov: use the Nesterov update above (needs ``momentum > 0``).
         weight_decay: L2 decay added to the gradient.
+        grad_momentum: False: momentum on the weight decay only (see above); usually set per group.
         momentum_correction: scale the velocity by ``lr_t / lr_{t-1}`` when the LR changes.
 
     Example:
@@ -48,7 +56,7 @@ class SGD(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, nesterov: bool = False,
-                 weight_decay: float = 0.0, momentum_correction: bool = True):
+                 weight_decay: float = 0.0, momentum_correction: bool = True, grad_momentum: bool = True):
         if lr < 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0.0 <= momentum <= 1.0:
@@ -58,7 +66,7 @@ class SGD(torch.optim.Optimizer):
         if nesterov and momentum <= 0.0:
             raise ValueError("nesterov needs momentum > 0")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        momentum_correction=momentum_correction)
+                        momentum_correction=momentum_correction, grad_momentum=grad_momentum)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -68,6 +76,9 @@ class SGD(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, m = group["lr"], group["momentum"]
             for p, g in params_with_grads(group, "SGD"):
+                if not group.get("grad_momentum", True):  # DGC: g carries its momentum
+                    self._decay_momentum_step(p, g, group, lr, m)
+                    continue
                 d = add_decayed_weights(g, p, group["weight_decay"])
                 if m == 0.0:
                     p.add_(d, alpha=-lr)
@@ -81,3 +92,19 @@ class SGD(torch.optim.Optimizer):
                 else:
                     p.sub_(v)
         return loss
+
+    def _decay_momentum_step(self, p, g, group, lr: float, m: float) -> None:
+        """``grad_momentum=False``: ``w <- w - lr g``, and the decay ``wd * w`` through the velocity (in place, no
+        full-size temporary: this runs on every step of DGC, whose step is a few passes over the weights)."""
+        wd = group["weight_decay"]
+        if not wd or m == 0.0:
+            p.mul_(1.0 - lr * wd).sub_(g, alpha=lr)
+            return
+        state = ensure_state(self.state[p], p, "velocity")
+        ratio = lr_ratio(lr, state.get("prev_lr"), group["momentum_correction"])
+        v = state["velocity"].mul_(m * ratio).add_(p, alpha=lr * wd)  # v <- m ratio v + lr wd w
+        state["prev_lr"] = lr
+        if group["nesterov"]:
+            p.mul_(1.0 - lr * wd).sub_(g, alpha=lr).sub_(v, alpha=m)  # w - lr (g + wd w) - m v
+        else:
+            p.sub_(g, alpha=lr).sub_(v)
