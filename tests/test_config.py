@@ -63,6 +63,9 @@ def test_cross_field_checks():
                            "model.ghost_batch=48"])
     with pytest.raises(ConfigError, match="step schedule needs"):
         load_config(None, ["recipe.schedule=step"])
+    with pytest.raises(ConfigError, match="dgc does the momentum itself .* not 'sgd' with precondition='kfac'"):
+        load_config(None, ["compress.method=dgc", "recipe.precondition=kfac"])
+    load_config(None, ["compress.method=dgc"])  # momentum SGD, the paper's optimizer
 
 
 def test_bad_files(tmp_path):

@@ -349,9 +349,10 @@ def _validate_cross(cfg: Config) -> None:
     if cm.method == "powersgd" and cm.warmup_steps < 2:
         raise ConfigError("compress.warmup_steps: powersgd needs at least 2 plain all-reduce steps (torch's "
                           "error feedback and warm start), e.g. compress.warmup_steps=10")
-    if cm.method == "dgc" and r.optimizer != "sgd":
+    if cm.method == "dgc" and (r.optimizer != "sgd" or r.precondition != "none"):
         raise ConfigError(f"compress.method: dgc does the momentum itself (momentum correction) and needs "
-                          f"recipe.optimizer=sgd, not {r.optimizer!r}")
+                          f"recipe.optimizer=sgd without recipe.precondition, not {r.optimizer!r}"
+                          + (f" with precondition={r.precondition!r}" if r.precondition != "none" else ""))
     if cm.method != "none" and p.backup_workers:
         raise ConfigError("compress.method: compression hooks need DDP; backup workers (parallel.backup_workers) "
                           "average gradients themselves; use one or the other")

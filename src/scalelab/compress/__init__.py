@@ -14,6 +14,7 @@ from scalelab.compress.dgc import DGC, sampled_threshold_select, warmup_density
 from scalelab.compress.hooks import (CompressionHook, CompressStats, compress_hook, gather_state, powersgd_bytes,
                                     restore_state)
 from scalelab.compress.sparse import CostModel, choose, sparse_allreduce
+from scalelab.errors import ConfigError
 
 
 def dgc_optimizer(opt, cfg, world_size: int):
@@ -30,7 +31,7 @@ def dgc_optimizer(opt, cfg, world_size: int):
     """
     dgc = cfg.compress.method == "dgc" and world_size > 1
     if dgc and not all("grad_momentum" in g for g in opt.param_groups):
-        raise ValueError(f"compress.method=dgc needs recipe.optimizer=sgd (momentum on the weight decay only), "
+        raise ConfigError(f"compress.method=dgc needs recipe.optimizer=sgd (momentum on the weight decay only), "
                          f"got {type(opt).__name__}")
     for g in opt.param_groups:
         if "grad_momentum" in g:
