@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except ScalelabError as e:
-        print(f"scalelab: error: {e}", file=sys.stderr)
+        e.report()
         return e.exit_code
 
 

@@ -7,11 +7,19 @@ exceptions with tracebacks.
 
 from __future__ import annotations
 
+import sys
+
 
 class ScalelabError(Exception):
     """Base class: a problem with the user's input or environment, reported in one line."""
 
     exit_code = 1
+
+    def report(self) -> None:
+        """Print the one line to stderr, once (a worker may say it before leaving with the others)."""
+        if not getattr(self, "reported", False):
+            print(f"scalelab: error: {self}", file=sys.stderr, flush=True)
+            self.reported = True
 
 
 class ConfigError(ScalelabError):

@@ -212,6 +212,12 @@ class Trainer:
             summary = self._run()
             self.rt.barrier()  # leave together: a worker tearing down while others still talk can abort them
             return summary
+        except DivergenceError as e:
+            # every worker decides at the same step (from the all-reduced gradients): each says so, then they
+            # leave together, since the launcher stops the job at the first worker's exit
+            e.report()
+            self.rt.barrier()
+            raise
         except RuntimeError as e:
             if not self.rt.distributed or not _is_comm_failure(e):
                 raise
