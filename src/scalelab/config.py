@@ -193,6 +193,9 @@ class CompressConfig:
                                           "gradient to dgc_clip / sqrt(N); 0 = off")
     dgc_min_entries: int = _f(0, lo=0, doc="dgc: each compressed tensor sends at least this many entries per "
                                            "step (all of a smaller one); 0 = density for every tensor (paper)")
+    dgc_lr_weighted: bool = _f(False, doc="dgc: accumulate lr * velocity in v and divide the sent values by the "
+                                          "current lr, so that a delayed entry is applied with the LR of the steps "
+                                          "it came from (Stich et al. 2018); false = the paper (LR at sending)")
     dgc_sample: float = _f(0.01, lo=0.0, lo_open=True, hi=1.0, doc="dgc: fraction sampled to find the threshold")
     min_numel: int = _f(1024, lo=0, doc="tensors smaller than this (and 1-D ones) are all-reduced densely "
                                         "(all methods but powersgd, fp16, bf16)")

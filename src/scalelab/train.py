@@ -398,7 +398,7 @@ class Trainer:
                     order, order_epoch = epoch_order(len(x_train), t.seed, epoch).to(device), epoch
                 read, share = plan.read(Bs), plan.share(Bs)
                 idx = order[pos + rank * share:pos + (rank + 1) * share]
-                lr = sched(plan.ref_step(epoch, pos))
+                lr = rt.lr = sched(plan.ref_step(epoch, pos))
                 for g in opt.param_groups:
                     g["lr"] = lr
                 xb, yb = x_train[idx], y_train[idx]

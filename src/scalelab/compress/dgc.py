@@ -13,14 +13,21 @@ paper leaves them open. Per worker ``k`` and flat tensor, with momentum ``m``:
 * momentum factor masking (3.3): where an entry was sent, zero it in both ``v`` and ``u``;
 * warm-up (3.4): density 25%, 6.25%, 1.5625%, 0.39% over the warm-up epochs (sparsity 75%, 93.75%, 98.4375%,
   99.6%), then the final density (0.1% = 99.9% sparsity by default);
-* threshold by sampling (reference code): top-k of a strided random sample of ``|v|`` gives a threshold; if far
-  more than ``k`` entries pass, take the exact top-k among those that passed; if too few, lower it by 0.8.
+* threshold by sampling (reference code): top-k of a strided random sample of ``|v|`` gives a threshold, lowered
+  by 0.8 while too few entries pass; then the exact top-k among those that passed, so that exactly ``k`` entries
+  are sent (the reference code sends between 0.8 k and 1.3 k).
 
 The update sent is the sum over workers of the sparse ``v``, divided by ``N``; the optimizer then applies
 ``w <- w - lr * update`` with *no momentum on the gradient* (the momentum lives here) and the weight decay with a
 momentum buffer of its own, as the reference code does (:func:`scalelab.compress.dgc_optimizer`). Tensors that are
 1-D or small are all-reduced densely every step; for them ``u`` is averaged instead, which equals momentum after
 averaging.
+
+Optionally (``compress.dgc_lr_weighted``) ``v`` accumulates ``lr_t * u`` and the values sent are divided by the
+current LR: a delayed entry is then applied with the LR of the steps it came from, not of the step that sends it,
+as the memory of error feedback is written by Stich, Cordonnier & Jaggi 2018 ("Sparsified SGD with Memory",
+NeurIPS, arXiv 1809.07599) and Karimireddy et al. 2019 (arXiv 1901.09847). Under a constant LR it is the paper's
+update.
 """
 
 from __future__ import annotations
@@ -54,17 +61,21 @@ BLOCK = 32
 
 def sampled_threshold_select(x: torch.Tensor, density: float, sample: float = 0.01, rounds: int = 10,
                              generator: torch.Generator | None = None, offset: int | None = None) -> torch.Tensor:
-    """Indices (ascending) of about ``k = ceil(density * n)`` largest ``|x|``, from a sampled threshold, at most ``1.3 k``.
+    """Indices (ascending) of the ``k = ceil(density * n)`` largest ``|x|`` (fewer when ``x`` has fewer non-zeros),
+    found through a sampled threshold instead of a sort.
 
-    The threshold is the smallest of the top ``ceil(density * s)`` magnitudes of a strided sample of
-    ``s = max(sample * n, 2 / density)`` entries with a random offset. An entry passes when ``|x| >= thr``:
-    more than ``1.3 k`` passing -> the exact top-k among them; fewer than ``0.8 k`` -> ``thr *= 0.8`` and again
-    (at most ``rounds`` times). The sample's random offset comes from ``generator``, or is ``offset`` (taken modulo
-    the stride; the hooks derive it from the step and the parameter, so that it does not depend on how DDP
-    groups the parameters into buckets). No sort of the whole tensor, and at low density no full-length temporary either:
-    the compare runs on the groups of ``BLOCK`` entries (strided by ``n // BLOCK``) whose maximum magnitude passes
-    (group maxima from one max and one min reduction), so the full-length work is two reading passes whatever the
-    number of rounds.
+    The threshold is the smallest of the top ``ceil(1.3 density * s)`` magnitudes of a strided sample of
+    ``s = max(sample * n, 2 / density)`` entries with a random offset (the reference code's estimate, aimed at
+    ``1.3 k`` so that one round usually suffices). While fewer
+    than ``k`` entries pass (``|x| >= thr``) it is lowered by 0.8 (at most ``rounds`` times, then an exact top-k of
+    the whole tensor); once ``k`` or more pass, the exact top-k among them is the top-k of ``x``, since every entry
+    left out is below ``thr``. (The reference code sends whatever passes between ``0.8 k`` and ``1.3 k``; exactly
+    ``k`` keeps the paper's sparsity and lets the message be ``k`` pairs long, not ``1.3 k``.) The sample's random
+    offset comes from ``generator``, or is ``offset`` (taken modulo the stride; the hooks derive it from the step
+    and the parameter, so that it does not depend on how DDP groups the parameters into buckets). At low density no
+    full-length temporary either: the compare runs on the groups of ``BLOCK`` entries (strided by ``n // BLOCK``)
+    whose maximum magnitude passes (group maxima from one max and one min reduction), so the full-length work is
+    two reading passes whatever the number of rounds.
     """
     n = x.numel()
     k = max(1, math.ceil(density * n))
@@ -72,8 +83,7 @@ def sampled_threshold_select(x: torch.Tensor, density: float, sample: float = 0.
         return torch.arange(n, device=x.device)
     ns = min(n, max(math.ceil(sample * n), math.ceil(2 / density)))
     if ns >= n // 2:  # small tensor: the sample would be most of it
-        idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values
-        return idx[x[idx] != 0]  # exact zeros are never sent
+        return _exact_topk(x, k)
     stride = n // ns
     if stride <= 1:
         start = 0
@@ -82,38 +92,39 @@ def sampled_threshold_select(x: torch.Tensor, density: float, sample: float = 0.
     else:
         start = int(torch.randint(0, stride, (1,), generator=generator))
     samp = x[start::stride][:ns].abs()
-    thr = torch.topk(samp, max(1, math.ceil(density * samp.numel())), sorted=False).values.min()
+    # aim at about 1.3 k passing: trimming to k is cheap, another round of the search is not
+    thr = torch.topk(samp, max(1, math.ceil(1.3 * density * samp.numel())), sorted=False).values.min()
     thr = thr.clamp(min=torch.finfo(x.dtype).tiny)  # exact zeros never pass (nothing to send there)
     if density * BLOCK >= 0.5 or n < 4 * BLOCK:  # dense enough that most blocks would pass anyway
         a = x.abs()
-        idx = None
         for _ in range(rounds):
             idx = torch.nonzero(a >= thr).view(-1)
-            if idx.numel() > 1.3 * k:
+            if idx.numel() >= k:
                 return idx[torch.topk(a[idx], k, sorted=False).indices].sort().values
-            if idx.numel() >= 0.8 * k:
-                break
             thr = thr * 0.8
-        return idx
+        return _exact_topk(x, k)
     nb = n // BLOCK
     # group j holds the entries j, j + nb, ..., j + (BLOCK - 1) nb: its maximum is an elementwise max over BLOCK
     # contiguous rows (a vectorised pass), where a max over contiguous blocks of BLOCK entries reduces short rows
     rows = x[:nb * BLOCK].view(BLOCK, nb)
     gmax = torch.maximum(rows.amax(0), rows.amin(0).neg_())  # max |x| per group
     tail, tail_at = x[nb * BLOCK:].abs(), nb * BLOCK
-    idx = None
     for _ in range(rounds):
         cand = torch.nonzero(gmax >= thr).view(-1)
         sub = rows.index_select(1, cand).abs_()  # only the candidate groups are copied (faster than rows[:, cand])
         hit = torch.nonzero(sub >= thr)
         idx = torch.cat([hit[:, 0] * nb + cand[hit[:, 1]], torch.nonzero(tail >= thr).view(-1) + tail_at])
-        if idx.numel() > 1.3 * k:
+        if idx.numel() >= k:
             a = x[idx].abs_()
             return idx[torch.topk(a, k, sorted=False).indices].sort().values
-        if idx.numel() >= 0.8 * k:
-            break
         thr = thr * 0.8
-    return idx.sort().values
+    return _exact_topk(x, k)
+
+
+def _exact_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` largest ``|x|`` by a full top-k, ascending, exact zeros left out (never sent)."""
+    idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values
+    return idx[x[idx] != 0]
 
 
 class DGC:
@@ -150,14 +161,15 @@ class DGC:
         scale = self.clip_scale(float(g.norm()))
         return g.mul_(scale) if scale != 1.0 else g
 
-    def accumulate(self, g: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
-        """Momentum correction and local accumulation, in place: ``u <- m u + g``, ``v <- v + u``."""
+    def accumulate(self, g: torch.Tensor, u: torch.Tensor, v: torch.Tensor, weight: float = 1.0) -> None:
+        """Momentum correction and local accumulation, in place: ``u <- m u + g``, ``v <- v + weight * u``
+        (``weight``: the step's LR when the accumulation is LR-weighted, see :meth:`CompressionHook._dgc`)."""
         if self.nesterov:
             u.add_(g).mul_(self.m)
-            v.add_(u).add_(g)
+            v.add_(u, alpha=weight).add_(g, alpha=weight)
         else:
             torch.add(g, u, alpha=self.m, out=u)  # u <- g + m u in one pass
-            v.add_(u)
+            v.add_(u, alpha=weight)
 
     def velocity_(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """For densely exchanged entries: the local momentum step ``u <- m u + g``; ``g`` becomes what is sent

@@ -495,16 +495,19 @@ class CompressionHook:
             buf.mul_(scale)
         for a, b in lay.dense.runs:
             self.dgc.velocity_(buf[a:b], u[a:b]).div_(n)
+        # LR-weighted accumulation (compress.dgc_lr_weighted): v holds sum_t lr_t u_t, and the values sent are
+        # divided by this step's LR, which the optimizer multiplies back; at LR 0 nothing is sent (it would be lost)
+        lr = getattr(self.rt, "lr", None)
+        w = lr if self.c.dgc_lr_weighted and lr is not None else 1.0
         for a, b in lay.comp.runs:
-            self.dgc.accumulate(buf[a:b], u[a:b], v[a:b])
+            self.dgc.accumulate(buf[a:b], u[a:b], v[a:b], w)
             buf[a:b].zero_()  # the gradient is in v now; the sum of the messages is added here
         m = lay.comp.numel()
         density = self.density()
         kmin = self.c.dgc_min_entries  # a floor per tensor: small tensors would send a handful of entries
         dens = {pid: max(density, min(1.0, kmin / nt)) for pid, _, nt in lay.comp_params}
-        # at most ceil(1.3 k) entries of each tensor (the selection's bound), known to every worker in advance
-        cap = sum(min(nt, math.ceil(1.3 * max(1, math.ceil(dens[pid] * nt))))
-                  for pid, _, nt in lay.comp_params)
+        # at most k entries of each tensor (the selection's bound), known to every worker in advance
+        cap = sum(min(nt, max(1, math.ceil(dens[pid] * nt))) for pid, _, nt in lay.comp_params)
         futs, buf_d = [], None
         if m and choose(numel, cap, elem, n, self.cost).mode == "sparse" and lay.dense.numel():
             # the sparse messages carry the compressed positions only: the dense ones get their own all-reduce
@@ -516,10 +519,13 @@ class CompressionHook:
             idxs, vals = [], []
             for pid, a, nt in lay.comp_params:
                 off = mix_seed(self.seed, self.rt.rank, self.step, self._pindex(pid))
-                i, x = self.dgc.select_and_mask(u[a:a + nt], v[a:a + nt], dens[pid], offset=off)
+                if w > 0:
+                    i, x = self.dgc.select_and_mask(u[a:a + nt], v[a:a + nt], dens[pid], offset=off)
+                else:
+                    i, x = torch.zeros(0, dtype=torch.long, device=buf.device), buf.new_zeros(0)
                 idxs.append(i.add_(a))
                 vals.append(x)
-            idx, vals = torch.cat(idxs), torch.cat(vals).div_(n)  # average: divide the k values, not the sum
+            idx, vals = torch.cat(idxs), torch.cat(vals).div_(n * w)  # average: divide the k values, not the sum
             # into the bucket as it is (zero at the compressed positions, the dense velocity elsewhere): in dense
             # mode the whole bucket is one all-reduce, in sparse mode the messages are added at their positions
             futs.append(self._sparse(idx, vals, numel, cap, into=buf, zero=False, entries=m))

@@ -73,6 +73,7 @@ class Runtime:
         self.timeout_s = 0.0
         self.comm = CommStats()
         self.step = 0  # the training step in progress (set by the trainer; compression hooks read it)
+        self.lr = None  # the learning rate of the step in progress (set by the trainer; DGC may read it)
         self.compress = None  # the compression hook state, when compress.method is set
 
     @property
