@@ -471,7 +471,7 @@ def test_error_feedback_state_survives_a_checkpoint_and_new_buckets():
         _hook("dgc", step=0)[0].load_state_dict(saved, params)
 
 
-def _dgc_vs_momentum_sgd(rank, world, nesterov, warmup=4, steps=7):
+def _dgc_vs_momentum_sgd(rank, world, nesterov, warmup=4, steps=7, lr_weighted=False):
     """DGC through the hook and the optimizer as the trainer builds them, against the paper's math (one worker).
 
     Stand-in buckets hold a weight (compressed) and a bias (dense path); every worker has its own gradient
@@ -480,7 +480,9 @@ def _dgc_vs_momentum_sgd(rank, world, nesterov, warmup=4, steps=7):
     decay on the weight) on the averaged gradients, i.e. dense momentum SGD; after it (density 1: everything is
     sent) the bias still against that, and the weight against the paper's per-worker formulas: ``u_k <- m u_k +
     g_k`` (Nesterov ``u_k <- m (u_k + g_k)``, sending ``u_k + g_k``), ``v_k <- v_k + u_k``, send ``v_k``, then
-    ``u_k``, ``v_k`` masked to 0; the weight decay with its own momentum buffer, never sparsified."""
+    ``u_k``, ``v_k`` masked to 0; the weight decay with its own momentum buffer, never sparsified. With
+    ``lr_weighted`` (``compress.dgc_lr_weighted``) the same: at density 1 nothing waits, so weighting ``v`` by the LR
+    and dividing the sent values by it must change nothing."""
     from types import SimpleNamespace
 
     from scalelab.compress import CompressionHook, dgc_optimizer
@@ -489,7 +491,7 @@ def _dgc_vs_momentum_sgd(rank, world, nesterov, warmup=4, steps=7):
     m, wd, lrs = 0.9, 0.05, [0.1, 0.3, 0.3, 0.2, 0.05, 0.4, 0.1]
     cfg = load_config(None, ["compress.method=dgc", "compress.density=1.0", f"compress.warmup_steps={warmup}",
                              "compress.min_numel=16", f"recipe.momentum={m}", f"recipe.nesterov={nesterov}",
-                             f"recipe.weight_decay={wd}"])
+                             f"recipe.weight_decay={wd}", f"compress.dgc_lr_weighted={str(lr_weighted).lower()}"])
     init = torch.Generator().manual_seed(5)
     w, b = (torch.nn.Parameter(torch.randn(s, generator=init, dtype=torch.float64)) for s in ((8, 6), (6,)))
     wr, br, wp = (x.detach().clone().requires_grad_() for x in (w, b, w))  # dense reference; paper's DGC weight
@@ -507,7 +509,7 @@ def _dgc_vs_momentum_sgd(rank, world, nesterov, warmup=4, steps=7):
         gs = [torch.randn(54, generator=torch.Generator().manual_seed(100 * s + k), dtype=torch.float64)
               for k in range(world)]
         bk = _Bucket([w, b], fill=lambda p: gs[rank][:48] if p is w else gs[rank][48:])
-        rt.step = s
+        rt.step, rt.lr = s, lr
         hook(bk).wait()
         w.grad, b.grad = (x.view(p.shape).clone() for x, p in zip(bk.gradients(), (w, b)))
         gbar = sum(gs) / world
@@ -596,7 +598,8 @@ def _hooks_worker(rank, world, port, q):
         expect = torch.cat([sum(x[:48].abs().mean() * torch.where(x[:48] >= 0, 1.0, -1.0) for x in both) / world,
                             sum(x[48:] for x in both) / world])
         efsign_ok = torch.allclose(out, expect, atol=1e-6) and h.stats.bytes < 48 * 4
-        dgc_err = max(max(_dgc_vs_momentum_sgd(rank, world, nesterov).values()) for nesterov in (False, True))
+        dgc_err = max(max(_dgc_vs_momentum_sgd(rank, world, nesterov, lr_weighted=lrw).values())
+                      for nesterov in (False, True) for lrw in (False, True))
         q.put((rank, (same, iters, efsign_ok, dgc_err < 1e-12)))
     finally:
         dist.destroy_process_group()
@@ -611,6 +614,23 @@ def test_hooks_in_two_real_workers_powersgd_resume_efsign_and_dgc_momentum():
     heavy ball and Nesterov."""
     got = _run_workers(_hooks_worker, 2)
     assert got == {0: (True, 8, True, True), 1: (True, 8, True, True)}
+
+
+def _dgc_worker(rank, world, port, q):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        q.put((rank, max(max(_dgc_vs_momentum_sgd(rank, world, nesterov, lr_weighted=lrw).values())
+                         for nesterov in (False, True) for lrw in (False, True))))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dgc_follows_the_papers_formulas_at_world_size_4():
+    """:func:`_dgc_vs_momentum_sgd` in 4 gloo processes (world size 2 is in the test above; alone, a process has
+    no hook and its optimizer keeps the momentum: the single-process reference is ``torch.optim.SGD`` itself)."""
+    got = _run_workers(_dgc_worker, 4)
+    assert max(got.values()) < 1e-12, got
 
 
 def test_powersgd_bytes_mirror_the_torch_hook():
