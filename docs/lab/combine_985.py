@@ -13,12 +13,12 @@ SGD's from its own start, and the knees from the common reference against each o
 SGD has no knee from the common reference: then the goal's batch is undefined there). The mean over seeds of a cell is the mean of the seeds' best steps (a cell
 that missed in any seed has none). Knees (own start and common reference) come from ``scalelab.lab.knee``,
 exactly as in ``scalelab sweep``. A sweep stopped before its end (no ``sweep.json``) contributes its finished
-trials. Writes ``OUT/summary.json`` and ``OUT/steps_to_target.png``.
+trials. ``bootstrap`` in the summary: the seeds resampled with replacement (``--draws``), the share of draws in
+which each knee of the mean and the goal come out. Writes ``OUT/summary.json`` and ``OUT/steps_to_target.png``.
 """
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from scalelab.lab.knee import find_knee, fit_mccandlish
@@ -69,12 +69,70 @@ def knees(batches, curves: dict[str, list], tol: float) -> dict:
     return out
 
 
+def goal(k: dict, peer: str) -> dict:
+    """The goal, checked in both readings of the knee: the peer's (momentum SGD's) knee x 8 against each other
+    recipe's knee, own start against own start and common reference against common reference."""
+    g = k["optimizers"][peer]
+    need_own = 8 * g["knee_own"] if g["knee_own"] else None
+    need_common = 8 * g["knee_common"] if g["knee_common"] else None
+    others = {o: v for o, v in k["optimizers"].items() if o != peer}
+    return {"peer_knee_own": g["knee_own"], "peer_knee_common": g["knee_common"],
+            "needed_own": need_own, "needed_common": need_common,
+            "met_own": {o: bool(need_own and v["knee_own"] and v["knee_own"] >= need_own) for o, v in others.items()},
+            "met_common": {o: bool(need_common and v["knee_common"] and v["knee_common"] >= need_common)
+                           for o, v in others.items()}}
+
+
+def mean_curves(batches, curves: list[dict]) -> dict:
+    """Per optimizer, the mean over the given seeds' curves; a cell that missed (None) in any seed has no mean."""
+    out = {}
+    for o in dict.fromkeys(o for c in curves for o in c):
+        vals = []
+        for i, _ in enumerate(batches):
+            xs = [c[o][i] for c in curves if o in c]
+            vals.append(sum(xs) / len(xs) if len(xs) == len(curves) and all(x is not None for x in xs) else None)
+        if any(v is not None for v in vals):
+            out[o] = vals
+    return out
+
+
+def bootstrap(batches, per_seed: dict, tol: float, peer: str, draws: int) -> dict:
+    """How much the knees of the seed mean and the goal depend on which seeds were run: resample the seeds with
+    replacement (``draws`` times, fixed RNG), take the mean curves, knees and goal of each draw, and count how often
+    each knee comes out and how often the goal is met. A knee decided by a ratio near the tolerance flips between
+    draws; this says how often."""
+    import random
+
+    rng = random.Random(0)
+    names = list(per_seed)
+    tally: dict = {}
+    met = {"own": {}, "common": {}}
+    for _ in range(draws):
+        pick = [per_seed[rng.choice(names)] for _ in names]
+        k = knees(batches, mean_curves(batches, pick), tol)
+        for o, v in k["optimizers"].items():
+            for reading in ("own", "common"):
+                t = tally.setdefault(o, {}).setdefault(reading, {})
+                key = str(v[f"knee_{reading}"])
+                t[key] = t.get(key, 0) + 1
+        if peer in k["optimizers"]:
+            g = goal(k, peer)
+            for reading in ("own", "common"):
+                for o, ok in g[f"met_{reading}"].items():
+                    met[reading][o] = met[reading].get(o, 0) + int(ok)
+    frac = lambda d: {key: round(n / draws, 3) for key, n in sorted(d.items(), key=lambda kv: -kv[1])}
+    return {"draws": draws, "seeds": len(names),
+            "knees": {o: {r: frac(t) for r, t in v.items()} for o, v in tally.items()},
+            "goal_met": {r: {o: round(n / draws, 3) for o, n in v.items()} for r, v in met.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--seed", action="append", required=True, metavar="NAME=DIR[,DIR...]")
     ap.add_argument("--rename", action="append", default=[], metavar="DIR:OPT=NAME")
     ap.add_argument("--goal-of", default="sgd", help="the peer whose knee x 8 is the goal (default sgd)")
+    ap.add_argument("--draws", type=int, default=2000, help="bootstrap draws over the seeds (default 2000)")
     a = ap.parse_args()
     renames = {}
     for item in a.rename:
@@ -95,31 +153,12 @@ def main() -> None:
         per_seed_curves[name] = cs
         result["seeds"][name] = knees(batches, cs, tol)
         result["trials"][name] = summ["counts"]
-    mean = {}
-    for o in opts:
-        vals = []
-        for i, _ in enumerate(batches):
-            xs = [c[o][i] for c in per_seed_curves.values() if o in c]
-            vals.append(sum(xs) / len(xs) if xs and all(x is not None for x in xs)
-                        and len(xs) == len(per_seed_curves) else None)
-        mean[o] = vals
-    mean = {o: c for o, c in mean.items() if any(v is not None for v in c)}
+    mean = mean_curves(batches, list(per_seed_curves.values()))
     result["mean"] = knees(batches, mean, tol) if mean else None
     for name, k in [*result["seeds"].items(), ("mean", result["mean"])]:
-        if not k:
-            continue
-        g = k["optimizers"].get(a.goal_of)
-        if g:
-            # the goal's peer: the batch where the peer (momentum SGD) leaves perfect scaling, measured the same way
-            # as the recipe's knee (own start against own start, common reference against common reference)
-            need_own = 8 * g["knee_own"] if g["knee_own"] else None
-            need_common = 8 * g["knee_common"] if g["knee_common"] else None
-            k["goal"] = {"peer_knee_own": g["knee_own"], "peer_knee_common": g["knee_common"],
-                         "needed_own": need_own, "needed_common": need_common,
-                         "met_own": {o: bool(need_own and v["knee_own"] and v["knee_own"] >= need_own)
-                                     for o, v in k["optimizers"].items() if o != a.goal_of},
-                         "met_common": {o: bool(need_common and v["knee_common"] and v["knee_common"] >= need_common)
-                                        for o, v in k["optimizers"].items() if o != a.goal_of}}
+        if k and a.goal_of in k["optimizers"]:
+            k["goal"] = goal(k, a.goal_of)
+    result["bootstrap"] = bootstrap(batches, per_seed_curves, tol, a.goal_of, a.draws)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(result, indent=1))
@@ -134,6 +173,11 @@ def main() -> None:
                   f"common {v['knee_common']} (first off {v['common_first_off']})")
         if "goal" in k:
             print(f"  goal: {k['goal']}")
+    b = result["bootstrap"]
+    print(f"bootstrap over the {b['seeds']} seeds ({b['draws']} draws): knee of the mean, share of draws")
+    for o, v in b["knees"].items():
+        print(f"  {o:>10}: own start {v['own']}  common ref. {v['common']}")
+    print(f"  goal met, share of draws: own start {b['goal_met']['own']}, common ref. {b['goal_met']['common']}")
 
 
 def plot(path, batches, per_seed, mean, result, tol, target):
@@ -153,8 +197,8 @@ def plot(path, batches, per_seed, mean, result, tol, target):
         for j, (name, cs) in enumerate(per_seed.items()):
             if o in cs:
                 pts = [(b, s) for b, s in zip(batches, cs[o]) if s is not None]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marks[j % len(marks)], color=c, markersize=8,
-                        label=f"{o}: seed {name}")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marks[i % len(marks)], color=c, markersize=7,
+                        alpha=0.6, label=f"{o}: single seeds ({len(per_seed)})" if j == 0 else None)
         if o in mean:
             pts = [(b, s) for b, s in zip(batches, mean[o]) if s is not None]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=c, label=f"{o}: mean over seeds")
