@@ -28,6 +28,8 @@ from scalelab.lab.sweep import SweepSpec, load_trials, summarize
 def load_seed(dirs: list[Path], renames: dict[tuple[str, str], str]) -> tuple[SweepSpec, dict]:
     trials, spec = [], None
     for d in dirs:
+        if not (d / "sweep_spec.json").exists() and not (d / "sweep.json").exists():
+            raise SystemExit(f"combine_985.py: {d} is not a sweep directory (no sweep.json or sweep_spec.json)")
         if (d / "sweep.json").exists():
             s = json.loads((d / "sweep.json").read_text())
         else:  # a sweep stopped before its end: its spec and finished trials
@@ -134,6 +136,8 @@ def main() -> None:
     ap.add_argument("--goal-of", default="sgd", help="the peer whose knee x 8 is the goal (default sgd)")
     ap.add_argument("--draws", type=int, default=2000, help="bootstrap draws over the seeds (default 2000)")
     a = ap.parse_args()
+    if a.draws < 1:
+        ap.error(f"--draws {a.draws}: must be at least 1")
     renames = {}
     for item in a.rename:
         d, _, rest = item.partition(":")
