@@ -151,6 +151,7 @@ def test_sweep_killed_then_resumed_does_not_redo_finished_trials(tmp_path):
 
     table = read_steps_table(out / "steps_sgd.csv")
     assert [b for b, _ in table.table] == [32, 64]
+    assert read_steps_table(out).table == table.table          # the sweep directory itself: its one optimizer
     assert (out / "plots" / "steps_to_target.png").stat().st_size > 0
     # the report on a sweep directory writes the HTML page
     assert main(["report", str(out)]) == 0

@@ -221,3 +221,10 @@ def test_steps_table_interpolates_in_log_log(tmp_path):
     f.write_text("batch,steps\n1024,lots\n")
     with pytest.raises(DataError, match="steps.csv:2"):
         read_steps_table(f)
+    # a directory is read as a sweep's output: one steps_<optimizer>.csv, or an error naming the choices
+    with pytest.raises(DataError, match="without steps_<optimizer>.csv"):
+        read_steps_table(tmp_path)
+    for opt in ("sgd", "lamb"):
+        (tmp_path / f"steps_{opt}.csv").write_text("batch,steps\n256,100\n")
+    with pytest.raises(DataError, match="steps for 2 optimizers: give one of .*steps_lamb.csv, .*steps_sgd.csv"):
+        read_steps_table(tmp_path)

@@ -8,6 +8,9 @@
 #   SEEDS="0 1" RECIPE=kfac-fresh docs/lab/sweep_985_seeds.sh
 #       K-FAC alone, factors and inverses every step (recipe.kfac_factor_every=1, kfac_inverse_every=1, instead
 #       of 10 and 10) -> sweep-985-kfac-fresh-seedS
+#   SEEDS="0 1" TEST=10000 docs/lab/sweep_985_seeds.sh
+#       the same on a test set of 10,000 examples instead of 2,000 (data.n_test; the generated training set
+#       differs too, since MNIST-1D draws both from one stream) -> sweep-985-test10000-seedS
 set -e
 C="--config docs/lab/mnist1d_sweep.toml --target-acc 0.985 --extend 1 --budget-epochs 8 --budget-steps 250 --eval-examples 1024"
 case "${RECIPE:-default}" in
@@ -17,6 +20,7 @@ case "${RECIPE:-default}" in
   *) echo "sweep_985_seeds.sh: RECIPE=$RECIPE is not one of: default, kfac-fresh" >&2; exit 2 ;;
 esac
 [ -n "$SEEDS" ] || { echo "sweep_985_seeds.sh: set SEEDS, e.g. SEEDS=\"2 3\"" >&2; exit 2; }
+if [ -n "$TEST" ]; then opts="$opts --set data.n_test=$TEST"; name="test$TEST-$name"; fi
 R=docs/lab/results
 for seed in $SEEDS; do
   run=runs/lab-sweep-985-$name$seed

@@ -40,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-scale", type=float, default=None, help="McCandlish B_noise (with --min-steps; "
                    "with --workshop: overrides its assumed 32768)")
     p.add_argument("--min-steps", type=float, default=None, help="McCandlish S_min (with --noise-scale)")
-    p.add_argument("--steps-table", default=None, metavar="FILE.csv", help="measured steps-to-target per "
-                   "global batch (columns batch,steps), e.g. from a batch-size sweep")
+    p.add_argument("--steps-table", default=None, metavar="FILE.csv|SWEEP_DIR", help="measured steps-to-target "
+                   "per global batch: a CSV with columns batch,steps, or a scalelab sweep directory")
     p.add_argument("--compress", default=None,
                    help="none, fp16, sign, qsgd:BITS, powersgd:FACTOR, dgc:SPARSITY")
     p.add_argument("--parallel", default="data", help="data, hybrid:MxD or pipeline:S")

@@ -5,7 +5,8 @@
 * Measured: a table of (batch, steps-to-target) pairs, e.g. from a batch-size sweep (Shallue et al. 2018,
   arXiv 1811.03600), interpolated linearly in log-log space; below the smallest batch it scales perfectly
   (steps x 2 when the batch halves), above the largest it stays at the last measured steps (the table shows no
-  further gain). ``read_steps_table`` reads a CSV with ``batch`` and ``steps`` columns.
+  further gain). ``read_steps_table`` reads a CSV with ``batch`` and ``steps`` columns, or the
+  ``steps_<optimizer>.csv`` of a ``scalelab sweep`` output directory.
 * McCandlish et al. 2018, "An Empirical Model of Large-Batch Training" (arXiv 1812.06162), eq. 2.11:
   ``S = S_min (1 + B_noise / B)`` and ``E = E_min (1 + B / B_noise)`` samples, with the gradient noise scale
   B_noise (about B_simple = tr(Sigma)/|G|^2). Below B_noise, doubling B halves the steps (perfect scaling);
@@ -86,8 +87,12 @@ def table_steps(batch: float, table: tuple[tuple[float, float], ...]) -> float:
 
 
 def read_steps_table(path: str | Path) -> Steps:
-    """A CSV with columns ``batch`` and ``steps`` (steps to the target at that global batch)."""
+    """A CSV with columns ``batch`` and ``steps`` (steps to the target at that global batch), or a ``scalelab
+    sweep`` directory: its ``steps_<optimizer>.csv`` if it swept one optimizer; with several, the error names
+    the files to choose from."""
     path = Path(path)
+    if path.is_dir():
+        path = _sweep_steps_file(path)
     try:
         rows = list(csv.DictReader(path.read_text().splitlines()))
     except FileNotFoundError:
@@ -104,5 +109,16 @@ def read_steps_table(path: str | Path) -> Steps:
             raise DataError(f"{path}:{lineno}: batch and steps must be > 0")
         pairs[b] = s
     if not pairs:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows (a sweep writes only the batches that reached the target)")
     return Steps(table=tuple(sorted(pairs.items())))
+
+
+def _sweep_steps_file(run: Path) -> Path:
+    files = sorted(run.glob("steps_*.csv"))
+    if not files:
+        raise DataError(f"{run} is a directory without steps_<optimizer>.csv: give a scalelab sweep output "
+                        "directory or a CSV with columns batch,steps")
+    if len(files) > 1:
+        names = ", ".join(str(f) for f in files)
+        raise DataError(f"{run} has steps for {len(files)} optimizers: give one of {names}")
+    return files[0]
