@@ -44,3 +44,35 @@ def test_bootstrap_shares_follow_the_seeds():
     # the knee of the mean of the four seeds themselves
     k = combine.knees(BATCHES, combine.mean_curves(BATCHES, list(seeds.values())), 1.25)
     assert k["optimizers"]["kfac"]["knee_own"] == 256
+
+
+_spec_low = importlib.util.spec_from_file_location(
+    "low_edges", Path(__file__).resolve().parents[1] / "docs" / "lab" / "low_edges.py")
+low_edges = importlib.util.module_from_spec(_spec_low)
+_spec_low.loader.exec_module(low_edges)
+
+
+def _sweep_csv(d: Path, rows: list[tuple]) -> Path:
+    d.mkdir()
+    lines = ["batch,optimizer,steps_to_target,mult,status"]
+    lines += [",".join("" if v is None else str(v) for v in r) for r in rows]
+    (d / "sweep.csv").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def test_low_edges_lists_cells_won_by_their_lowest_lr(tmp_path):
+    d = _sweep_csv(tmp_path / "s", [
+        (64, "sgd", 900, 0.25, "reached"), (64, "sgd", 1000, 0.5, "reached"),   # lowest wins: listed
+        (128, "sgd", 600, 0.5, "reached"), (128, "sgd", 500, 1, "reached"),     # inside the grid: not listed
+        (256, "sgd", 300, 0.5, "reached"), (256, "sgd", 300, 1, "reached"),     # tie at the lowest: listed
+        (512, "sgd", None, 0.5, "missed"), (512, "sgd", None, 1, "pruned"),     # nothing reached: no best point
+        (64, "kfac", 800, 0.25, "reached"), (64, "kfac", None, 0.125, "pruned")])  # lowest tried did not win
+    assert low_edges.edges([d]) == {"sgd": ([64, 256], [0.0625, 0.125, 0.25])}
+
+
+def test_low_edges_pools_the_parts_of_a_sweep_and_names_a_missing_one(tmp_path):
+    a = _sweep_csv(tmp_path / "a", [(64, "kfac", 900, 0.25, "reached")])
+    b = _sweep_csv(tmp_path / "b", [(64, "kfac", 700, 0.0625, "reached")])
+    assert low_edges.edges([a, b]) == {"kfac": ([64], [0.015625, 0.03125])}
+    with pytest.raises(SystemExit, match="no sweep.csv"):
+        low_edges.edges([tmp_path / "nowhere"])
