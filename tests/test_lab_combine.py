@@ -76,3 +76,9 @@ def test_low_edges_pools_the_parts_of_a_sweep_and_names_a_missing_one(tmp_path):
     assert low_edges.edges([a, b]) == {"kfac": ([64], [0.015625, 0.03125])}
     with pytest.raises(SystemExit, match="no sweep.csv"):
         low_edges.edges([tmp_path / "nowhere"])
+
+
+def test_spread_of_seeds_per_cell():
+    s = combine.spread([64, 128], [{"a": [100, None]}, {"a": [300, 50]}, {"a": [200, None]}])
+    assert s["a"]["64"] == {"reached": 3, "max_over_min": 3.0, "cv": pytest.approx(100 / 200)}
+    assert s["a"]["128"] == {"reached": 1, "max_over_min": 1.0, "cv": None}

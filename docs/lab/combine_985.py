@@ -14,7 +14,8 @@ SGD has no knee from the common reference: then the goal's batch is undefined th
 that missed in any seed has none). Knees (own start and common reference) come from ``scalelab.lab.knee``,
 exactly as in ``scalelab sweep``. A sweep stopped before its end (no ``sweep.json``) contributes its finished
 trials. ``bootstrap`` in the summary: the seeds resampled with replacement (``--draws``), the share of draws in
-which each knee of the mean and the goal come out. Writes ``OUT/summary.json`` and ``OUT/steps_to_target.png``.
+which each knee of the mean and the goal come out; ``spread``: per cell, how much the seeds scatter. Writes
+``OUT/summary.json`` and ``OUT/steps_to_target.png``.
 """
 
 import argparse
@@ -98,6 +99,22 @@ def mean_curves(batches, curves: list[dict]) -> dict:
     return out
 
 
+def spread(batches, curves: list[dict]) -> dict:
+    """Per optimizer and batch, how much the seeds scatter: the seeds that reached the target, the largest over the
+    smallest of their steps, and the coefficient of variation (sample standard deviation over the mean; None with
+    fewer than two seeds). This, against the tolerance of the knee (1.25), says whether one seed's knee means much."""
+    import statistics
+
+    out: dict = {}
+    for o in dict.fromkeys(o for c in curves for o in c):
+        for i, b in enumerate(batches):
+            xs = [c[o][i] for c in curves if o in c and c[o][i] is not None]
+            cv = statistics.stdev(xs) / statistics.fmean(xs) if len(xs) > 1 else None
+            out.setdefault(o, {})[str(b)] = {"reached": len(xs), "max_over_min": max(xs) / min(xs) if xs else None,
+                                             "cv": cv}
+    return out
+
+
 def bootstrap(batches, per_seed: dict, tol: float, peer: str, draws: int) -> dict:
     """How much the knees of the seed mean and the goal depend on which seeds were run: resample the seeds with
     replacement (``draws`` times, fixed RNG), take the mean curves, knees and goal of each draw, and count how often
@@ -162,6 +179,7 @@ def main() -> None:
     for name, k in [*result["seeds"].items(), ("mean", result["mean"])]:
         if k and a.goal_of in k["optimizers"]:
             k["goal"] = goal(k, a.goal_of)
+    result["spread"] = spread(batches, list(per_seed_curves.values()))
     result["bootstrap"] = bootstrap(batches, per_seed_curves, tol, a.goal_of, a.draws)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,6 +195,10 @@ def main() -> None:
                   f"common {v['knee_common']} (first off {v['common_first_off']})")
         if "goal" in k:
             print(f"  goal: {k['goal']}")
+    print(f"spread over the seeds per batch {batches}: coefficient of variation (max/min)")
+    for o, v in result["spread"].items():
+        cells = [f"{c['cv']:.2f} ({c['max_over_min']:.2f})" if c["cv"] is not None else "-" for c in v.values()]
+        print(f"  {o:>10}: " + ", ".join(cells))
     b = result["bootstrap"]
     print(f"bootstrap over the {b['seeds']} seeds ({b['draws']} draws): knee of the mean, share of draws")
     for o, v in b["knees"].items():
