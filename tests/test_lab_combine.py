@@ -78,6 +78,17 @@ def test_low_edges_pools_the_parts_of_a_sweep_and_names_a_missing_one(tmp_path):
         low_edges.edges([tmp_path / "nowhere"])
 
 
+def test_low_edges_names_a_broken_sweep_csv(tmp_path):
+    d = tmp_path / "cols"
+    d.mkdir()
+    (d / "sweep.csv").write_text("batch,optimizer\n64,sgd\n")
+    with pytest.raises(SystemExit, match="lacks the columns mult, status, steps_to_target"):
+        low_edges.edges([d])
+    d = _sweep_csv(tmp_path / "nums", [(64, "sgd", 900, 0.25, "reached"), ("x", "sgd", 800, 0.5, "reached")])
+    with pytest.raises(SystemExit, match="line 3: batch, mult .* got 'x'"):
+        low_edges.edges([d])
+
+
 def test_spread_of_seeds_per_cell():
     s = combine.spread([64, 128], [{"a": [100, None]}, {"a": [300, 50]}, {"a": [200, None]}])
     assert s["a"]["64"] == {"reached": 3, "max_over_min": 3.0, "cv": pytest.approx(100 / 200)}

@@ -15,6 +15,8 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
+NEEDED = {"batch", "optimizer", "steps_to_target", "mult", "status"}
+
 
 def edges(dirs: list[Path]) -> dict[str, tuple[list[int], list[float]]]:
     """Per optimizer: the batches whose fastest trial is at the lowest LR tried, and the multipliers to add."""
@@ -23,16 +25,28 @@ def edges(dirs: list[Path]) -> dict[str, tuple[list[int], list[float]]]:
         if not (d / "sweep.csv").exists():
             raise SystemExit(f"low_edges.py: {d} has no sweep.csv (run `scalelab sweep` there first)")
         with open(d / "sweep.csv") as f:
-            for r in csv.DictReader(f):
-                cells[(r["optimizer"], int(r["batch"]))].append(r)
+            rows = csv.DictReader(f)
+            missing = NEEDED - set(rows.fieldnames or [])
+            if missing:
+                raise SystemExit(f"low_edges.py: {d / 'sweep.csv'} lacks the columns {', '.join(sorted(missing))} "
+                                 f"(needs {', '.join(sorted(NEEDED))}, as `scalelab sweep` writes)")
+            for n, r in enumerate(rows, start=2):
+                try:
+                    r.update(batch=int(r["batch"]), mult=float(r["mult"]), steps_to_target=(
+                        int(r["steps_to_target"]) if r["status"] == "reached" else None))
+                except (TypeError, ValueError):
+                    raise SystemExit(f"low_edges.py: {d / 'sweep.csv'} line {n}: batch, mult and (for a reached "
+                                     f"trial) steps_to_target must be numbers, got {r['batch']!r}, {r['mult']!r}, "
+                                     f"{r['steps_to_target']!r}") from None
+                cells[(r["optimizer"], r["batch"])].append(r)
     out: dict[str, tuple[list[int], list[float]]] = {}
     for (opt, batch), rows in sorted(cells.items()):
         reached = [r for r in rows if r["status"] == "reached"]
         if not reached:
             continue
-        lowest = min(float(r["mult"]) for r in rows)
-        fastest = min(int(r["steps_to_target"]) for r in reached)
-        if any(float(r["mult"]) == lowest and int(r["steps_to_target"]) == fastest for r in reached):
+        lowest = min(r["mult"] for r in rows)
+        fastest = min(r["steps_to_target"] for r in reached)
+        if any(r["mult"] == lowest and r["steps_to_target"] == fastest for r in reached):
             batches, mults = out.setdefault(opt, ([], []))
             batches.append(batch)
             mults[:] = sorted(set(mults) | {lowest / 4, lowest / 2})
