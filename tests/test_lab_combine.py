@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from scalelab.lab.sweep import LRGuess
+
 pytest.importorskip("matplotlib")
 _spec = importlib.util.spec_from_file_location(
     "combine_985", Path(__file__).resolve().parents[1] / "docs" / "lab" / "combine_985.py")
@@ -54,10 +56,13 @@ _spec_low.loader.exec_module(low_edges)
 
 def _sweep_csv(d: Path, rows: list[tuple]) -> Path:
     d.mkdir()
-    lines = ["batch,optimizer,steps_to_target,mult,status"]
+    lines = ["batch,optimizer,steps_to_target,lr,status"]
     lines += [",".join("" if v is None else str(v) for v in r) for r in rows]
     (d / "sweep.csv").write_text("\n".join(lines) + "\n")
     return d
+
+
+UNIT = {"sgd": LRGuess(1.0, 64, "none"), "kfac": LRGuess(1.0, 64, "none")}  # mult == lr at every batch
 
 
 def test_low_edges_lists_cells_won_by_their_lowest_lr(tmp_path):
@@ -67,25 +72,31 @@ def test_low_edges_lists_cells_won_by_their_lowest_lr(tmp_path):
         (256, "sgd", 300, 0.5, "reached"), (256, "sgd", 300, 1, "reached"),     # tie at the lowest: listed
         (512, "sgd", None, 0.5, "missed"), (512, "sgd", None, 1, "pruned"),     # nothing reached: no best point
         (64, "kfac", 800, 0.25, "reached"), (64, "kfac", None, 0.125, "pruned")])  # lowest tried did not win
-    assert low_edges.edges([d]) == {"sgd": ([64, 256], [0.0625, 0.125, 0.25])}
+    assert low_edges.edges([d], UNIT) == {"sgd": ([64, 256], [0.0625, 0.125, 0.25])}
 
 
-def test_low_edges_pools_the_parts_of_a_sweep_and_names_a_missing_one(tmp_path):
+def test_low_edges_pools_the_parts_of_a_sweep_by_lr_and_names_a_missing_one(tmp_path):
     a = _sweep_csv(tmp_path / "a", [(64, "kfac", 900, 0.25, "reached")])
     b = _sweep_csv(tmp_path / "b", [(64, "kfac", 700, 0.0625, "reached")])
-    assert low_edges.edges([a, b]) == {"kfac": ([64], [0.015625, 0.03125])}
+    assert low_edges.edges([a, b], UNIT) == {"kfac": ([64], [0.015625, 0.03125])}
+    # the multipliers are of the next sweep's guess, whatever guesses the parts used: LR 0.025 at 256 is
+    # 0.25 x (0.025 x 256/64), the default K-FAC guess of the 98.5% sweeps
+    c = _sweep_csv(tmp_path / "c", [(256, "kfac", 300, 0.025, "reached"), (256, "kfac", 400, 0.2, "reached")])
+    assert low_edges.edges([c]) == {"kfac": ([256], [0.0625, 0.125])}
     with pytest.raises(SystemExit, match="no sweep.csv"):
         low_edges.edges([tmp_path / "nowhere"])
+    with pytest.raises(SystemExit, match="no guess for lamb"):
+        low_edges.edges([_sweep_csv(tmp_path / "d", [(64, "lamb", 900, 0.25, "reached")])])
 
 
 def test_low_edges_names_a_broken_sweep_csv(tmp_path):
     d = tmp_path / "cols"
     d.mkdir()
     (d / "sweep.csv").write_text("batch,optimizer\n64,sgd\n")
-    with pytest.raises(SystemExit, match="lacks the columns mult, status, steps_to_target"):
+    with pytest.raises(SystemExit, match="lacks the columns lr, status, steps_to_target"):
         low_edges.edges([d])
     d = _sweep_csv(tmp_path / "nums", [(64, "sgd", 900, 0.25, "reached"), ("x", "sgd", 800, 0.5, "reached")])
-    with pytest.raises(SystemExit, match="line 3: batch, mult .* got 'x'"):
+    with pytest.raises(SystemExit, match="line 3: batch, lr .* got 'x'"):
         low_edges.edges([d])
 
 

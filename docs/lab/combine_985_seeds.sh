@@ -1,0 +1,25 @@
+#!/bin/sh
+# The 98.5% sweeps of docs/lab.md combined over seeds: per seed, the default sweep (momentum SGD and K-FAC, with
+# its extra searches), the fresh-curvature K-FAC sweep and the lower-LR searches that exist for it
+# (docs/lab/sweep_985_low.sh), the fresh-curvature trials named kfac-fresh. Knees, bootstrap, plot: combine_985.py.
+#
+#   SEEDS="0 1 ... 15" docs/lab/combine_985_seeds.sh          first draw -> docs/lab/results/sweep-985/combined-16-seeds
+#   SEEDS="0 1 ... 7" TEST=10000 docs/lab/combine_985_seeds.sh  -> docs/lab/results/sweep-985-test10000/combined-8-seeds
+#   FRESH=no ...    momentum SGD and K-FAC only (their common reference without fresh K-FAC) -> ...-seeds-sgd-kfac
+set -e
+case "${FRESH:-yes}" in yes) suffix="" ;; no) suffix=-sgd-kfac ;;
+  *) echo "$0: FRESH=$FRESH is not one of: yes, no" >&2; exit 2 ;; esac
+. docs/lab/seeds_985.sh
+args="" n=0
+for s in $SEEDS; do
+  dirs=$(default_dirs $s) names="sgd kfac"
+  if [ -z "$suffix" ]; then
+    dirs="$dirs,$(fresh_dir $s)" names="fresh $names"
+    args="$args --rename $(basename $(fresh_dir $s)):kfac=kfac-fresh --rename fresh-low-seed$s:kfac=kfac-fresh"
+  fi
+  for name in $names; do
+    [ -d "$LOW/$name-low-seed$s" ] && dirs="$dirs,$LOW/$name-low-seed$s"
+  done
+  args="$args --seed $s=$dirs" n=$((n + 1))
+done
+python docs/lab/combine_985.py $R/sweep-985${TEST:+-test$TEST}/combined-$n-seeds$suffix $args

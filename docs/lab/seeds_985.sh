@@ -1,0 +1,17 @@
+# Sourced by docs/lab/sweep_985_low.sh and docs/lab/combine_985_seeds.sh: where the 98.5% sweeps of one seed live.
+# TEST empty: the first draw of the data (2,000-example test set); TEST=10000: the second (data.n_test=10000).
+R=docs/lab/results
+T=${TEST:+test$TEST-}            # sweep-985-${T}seedS, sweep-985-${T}kfac-fresh-seedS, sweep-985-${T}low/
+LOW=$R/sweep-985-${T}low
+case "${TEST:-2000}" in 2000|10000) ;;
+  *) echo "$0: TEST=$TEST is not one of: (empty, the 2,000-example draw), 10000" >&2; exit 2 ;; esac
+[ -n "$SEEDS" ] || { echo "$0: set SEEDS, e.g. SEEDS=\"0 1 2 3\"" >&2; exit 2; }
+
+default_dirs() {  # SEED -> the default sweep of momentum SGD and K-FAC, with its extra searches, comma-separated
+  case "$T$1" in
+    0) echo "$R/sweep-985,$R/sweep-985-extra/kfac-low,$R/sweep-985-extra/kfac-low128" ;;  # seeds 0 and 1 of the
+    1) echo "$R/sweep-985-seed1,$R/sweep-985-extra/kfac-low-seed1,$R/sweep-985-extra/sgd-low-seed1" ;;  # first
+    *) echo "$R/sweep-985-${T}seed$1" ;;                                                       # draw: docs/lab.md
+  esac
+}
+fresh_dir() { echo "$R/sweep-985-${T}kfac-fresh-seed$1"; }
