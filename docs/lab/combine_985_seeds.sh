@@ -6,9 +6,11 @@
 #   SEEDS="0 1 ... 15" docs/lab/combine_985_seeds.sh          first draw -> docs/lab/results/sweep-985/combined-16-seeds
 #   SEEDS="0 1 ... 7" TEST=10000 docs/lab/combine_985_seeds.sh  -> docs/lab/results/sweep-985-test10000/combined-8-seeds
 #   FRESH=no ...    momentum SGD and K-FAC only (their common reference without fresh K-FAC) -> ...-seeds-sgd-kfac
+#   LOW=no ...      without the lower-LR searches (the first draw's eight seeds as first published)
 set -e
 case "${FRESH:-yes}" in yes) suffix="" ;; no) suffix=-sgd-kfac ;;
   *) echo "$0: FRESH=$FRESH is not one of: yes, no" >&2; exit 2 ;; esac
+case "${LOW:-yes}" in yes|no) ;; *) echo "$0: LOW=$LOW is not one of: yes, no" >&2; exit 2 ;; esac
 . docs/lab/seeds_985.sh
 args="" n=0
 for s in $SEEDS; do
@@ -18,8 +20,9 @@ for s in $SEEDS; do
     args="$args --rename $(basename $(fresh_dir $s)):kfac=kfac-fresh --rename fresh-low-seed$s:kfac=kfac-fresh"
   fi
   for name in $names; do
-    [ -d "$LOW/$name-low-seed$s" ] && dirs="$dirs,$LOW/$name-low-seed$s"
+    [ "${LOW:-yes}" = yes ] && [ -d "$LOW_DIR/$name-low-seed$s" ] && dirs="$dirs,$LOW_DIR/$name-low-seed$s"
   done
   args="$args --seed $s=$dirs" n=$((n + 1))
 done
+[ "${LOW:-yes}" = no ] && suffix=$suffix-no-low
 python docs/lab/combine_985.py $R/sweep-985${TEST:+-test$TEST}/combined-$n-seeds$suffix $args

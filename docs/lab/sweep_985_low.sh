@@ -23,8 +23,8 @@ low() {  # name seed optimizer batches mults [extra args]
   case $opt in sgd) guess=$SGD ;; *) guess=$KFAC ;; esac
   nice -n 19 scalelab sweep $C --batch $batches --optimizers $opt --set train.seed=$seed \
     --lr-guess $opt=$guess --lr-mults $mults "$@" --out $run < /dev/null
-  mkdir -p $LOW/$name-low-seed$seed
-  (cd $run && cp -r best.csv steps_*.csv sweep.csv sweep.json sweep_spec.json ../../$LOW/$name-low-seed$seed/)
+  mkdir -p $LOW_DIR/$name-low-seed$seed
+  (cd $run && cp -r best.csv steps_*.csv sweep.csv sweep.json sweep_spec.json ../../$LOW_DIR/$name-low-seed$seed/)
 }
 edges() { python docs/lab/low_edges.py --guess sgd=$SGD --guess kfac=$KFAC $(echo "$1" | tr , ' '); }
 for seed in $SEEDS; do
