@@ -1,8 +1,9 @@
-# Sourced by docs/lab/sweep_985_low.sh and docs/lab/combine_985_seeds.sh: where the 98.5% sweeps of one seed live.
+# Sourced by the docs/lab/*_985*.sh scripts: where the 98.5% sweeps of one seed live, and the LR grids' guesses.
 # TEST empty: the first draw of the data (2,000-example test set); TEST=10000: the second (data.n_test=10000).
 R=docs/lab/results
 T=${TEST:+test$TEST-}            # sweep-985-${T}seedS, sweep-985-${T}kfac-fresh-seedS, sweep-985-${T}low/
 LOW_DIR=$R/sweep-985-${T}low
+SGD_GUESS=0.1@64:sqrt KFAC_GUESS=0.025@64:linear   # scalelab sweep --lr-guess OPT=...; K-FAC's: docs/lab.md
 case "${TEST:-2000}" in 2000|10000) ;;
   *) echo "$0: TEST=$TEST is not one of: (empty, the 2,000-example draw), 10000" >&2; exit 2 ;; esac
 [ -n "$SEEDS" ] || { echo "$0: set SEEDS, e.g. SEEDS=\"0 1 2 3\"" >&2; exit 2; }

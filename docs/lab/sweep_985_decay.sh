@@ -7,16 +7,17 @@
 #
 #   SEEDS="0" docs/lab/sweep_985_decay.sh      -> docs/lab/results/sweep-985-decay/seedS-eE
 set -e
-[ -n "$SEEDS" ] || { echo "sweep_985_decay.sh: set SEEDS, e.g. SEEDS=\"0\"" >&2; exit 2; }
-R=docs/lab/results/sweep-985-decay
+[ -z "$TEST" ] || { echo "sweep_985_decay.sh: runs on the first draw only; unset TEST" >&2; exit 2; }
+. docs/lab/seeds_985.sh
+D=$R/sweep-985-decay
 for seed in $SEEDS; do
   for e in 1 2 4 8; do
     run=runs/lab-sweep-985-decay-seed$seed-e$e
     nice -n 19 scalelab sweep --config docs/lab/mnist1d_sweep.toml --target-acc 0.985 --budget-epochs $e \
       --budget-steps 1 --eval-examples 1024 --batch 64..2048 --optimizers sgd,kfac --set train.seed=$seed \
-      --set recipe.schedule=cosine --lr-guess sgd=0.1@64:sqrt --lr-guess kfac=0.025@64:linear \
+      --set recipe.schedule=cosine --lr-guess sgd=$SGD_GUESS --lr-guess kfac=$KFAC_GUESS \
       --lr-mults 0.5,1,2 --extend 1 --warmup-epochs 0.25 --jobs 2 --out $run < /dev/null
-    mkdir -p $R/seed$seed-e$e
-    (cd $run && cp best.csv sweep.csv sweep.json sweep_spec.json ../../$R/seed$seed-e$e/)
+    mkdir -p $D/seed$seed-e$e
+    (cd $run && cp best.csv sweep.csv sweep.json sweep_spec.json ../../$D/seed$seed-e$e/)
   done
 done

@@ -16,17 +16,16 @@ set -e
 C="--config docs/lab/mnist1d_sweep.toml --target-acc 0.985 --extend 1 --budget-epochs 8 --budget-steps 250
    --eval-examples 1024 --warmup-epochs 0.25 --jobs 2 ${TEST:+--set data.n_test=$TEST}"
 FRESH="--set recipe.kfac_factor_every=1 --set recipe.kfac_inverse_every=1"
-SGD=0.1@64:sqrt KFAC=0.025@64:linear  # the guesses of docs/lab/sweep_985_seeds.sh
 low() {  # name seed optimizer batches mults [extra args]
   name=$1 seed=$2 opt=$3 batches=$4 mults=$5; shift 5
   run=runs/lab-sweep-985-$T$name-low-seed$seed
-  case $opt in sgd) guess=$SGD ;; *) guess=$KFAC ;; esac
+  case $opt in sgd) guess=$SGD_GUESS ;; *) guess=$KFAC_GUESS ;; esac
   nice -n 19 scalelab sweep $C --batch $batches --optimizers $opt --set train.seed=$seed \
     --lr-guess $opt=$guess --lr-mults $mults "$@" --out $run < /dev/null
   mkdir -p $LOW_DIR/$name-low-seed$seed
   (cd $run && cp -r best.csv steps_*.csv sweep.csv sweep.json sweep_spec.json ../../$LOW_DIR/$name-low-seed$seed/)
 }
-edges() { python docs/lab/low_edges.py --guess sgd=$SGD --guess kfac=$KFAC $(echo "$1" | tr , ' '); }
+edges() { python docs/lab/low_edges.py --guess sgd=$SGD_GUESS --guess kfac=$KFAC_GUESS $(echo "$1" | tr , ' '); }
 for seed in $SEEDS; do
   edges "$(fresh_dir $seed)" | while read -r opt batches mults; do
     low fresh $seed $opt $batches $mults $FRESH

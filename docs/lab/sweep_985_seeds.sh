@@ -13,19 +13,18 @@
 #       differs too, since MNIST-1D draws both from one stream) -> sweep-985-test10000-seedS
 set -e
 C="--config docs/lab/mnist1d_sweep.toml --target-acc 0.985 --extend 1 --budget-epochs 8 --budget-steps 250 --eval-examples 1024"
+. docs/lab/seeds_985.sh
 case "${RECIPE:-default}" in
-  default) name=seed; opts="--optimizers sgd,kfac --lr-guess sgd=0.1@64:sqrt" ;;
+  default) name=seed; opts="--optimizers sgd,kfac --lr-guess sgd=$SGD_GUESS" ;;
   kfac-fresh) name=kfac-fresh-seed
     opts="--optimizers kfac --set recipe.kfac_factor_every=1 --set recipe.kfac_inverse_every=1" ;;
   *) echo "sweep_985_seeds.sh: RECIPE=$RECIPE is not one of: default, kfac-fresh" >&2; exit 2 ;;
 esac
-[ -n "$SEEDS" ] || { echo "sweep_985_seeds.sh: set SEEDS, e.g. SEEDS=\"2 3\"" >&2; exit 2; }
-if [ -n "$TEST" ]; then opts="$opts --set data.n_test=$TEST"; name="test$TEST-$name"; fi
-R=docs/lab/results
+if [ -n "$TEST" ]; then opts="$opts --set data.n_test=$TEST"; name="$T$name"; fi
 for seed in $SEEDS; do
   run=runs/lab-sweep-985-$name$seed
   nice -n 19 scalelab sweep $C --batch 64..2048 $opts --set train.seed=$seed \
-    --lr-guess kfac=0.025@64:linear --lr-mults 0.5,1,2 \
+    --lr-guess kfac=$KFAC_GUESS --lr-mults 0.5,1,2 \
     --warmup-epochs 0.25,1 --warmup-search-from 1024 --jobs 2 --out $run
   scalelab report $run
   mkdir -p $R/sweep-985-$name$seed
