@@ -60,6 +60,7 @@ class Accelerator:
     default_network: str
     description: str = ""
     torus: int = 0
+    onchip_memory: float = 0.0   # bytes of on-chip memory the compiler keeps whole tensors in between kernels
     source: str = ""
 
     def peak_for(self, dtype: str) -> float:

@@ -153,7 +153,7 @@ def project(setup: Setup, catalog: Catalog | None = None) -> Projection:
     # 1. compute: roofline per sample, on this device's share of the batch
     b = setup.batch / replicas
     t_flops = b * wl.flops / (peak * fam.compute_eff)
-    t_mem = wl.memory_bytes(dtype, fam.fused, b) / (acc.memory_bw * fam.memory_eff)
+    t_mem = wl.memory_bytes(dtype, fam.fused, b, acc.onchip_memory) / (acc.memory_bw * fam.memory_eff)
     bound = "compute" if t_flops >= t_mem else "memory"
     bubble = 0.0
     kernels = wl.kernels(fam.fused if fam.fused_kernels is None else fam.fused_kernels)

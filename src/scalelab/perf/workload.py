@@ -16,6 +16,14 @@ Conventions (be careful when comparing with papers):
   and outputs: the traffic when the compiler fuses every elementwise and norm op into them (XLA on TPU).
   Both are reported for the training dtype (counted in fp32 and scaled by the dtype's size).
 * Parameters: the gradient all-reduce moves ``params`` values per step, in the communication dtype.
+* On-chip memory (:meth:`Workload.memory_bytes` with ``onchip > 0``): an accelerator whose compiler keeps whole
+  tensors on chip between kernels (TPU v4's 128 MiB CMEM, Jouppi et al. 2023) does not read from HBM a tensor
+  that is still there. The pass records, per kernel, which tensors it reads and writes (the convolutions and
+  matmuls alone for the fused count, an elementwise or norm op's output standing for the tensor it was computed
+  from, since the compiler fuses it into its neighbour); the HBM bytes are then replayed at the device's batch
+  through a least-recently-used memory of that size: a read of a resident tensor is free, every write still
+  goes to HBM (the tensor may be needed later; a conservative rule), and a tensor larger than the memory
+  bypasses it. With ``onchip = 0`` this is exactly the count above.
 * Kernels: the number of device kernels one step launches, forward + backward, independent of the batch.
   ``kernels_unfused`` counts every aten op that does work (views, aliases and bare allocations such as
   ``empty`` excluded): one kernel each in op-by-op execution. ``kernels_fused`` counts only the convolutions
@@ -33,7 +41,8 @@ Presets (samples are images or sequences):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
 from functools import cache
 
 import torch
@@ -88,32 +97,87 @@ class Workload:
     kernels_fused: int        # kernels per step when elementwise/norm ops are fused into convs/matmuls
     params: int
     dataset_size: int
+    # per kernel, its tensor accesses (tensor id, fp32 bytes per sample, fp32 bytes per step, written?): the
+    # convolutions/matmuls only (fused) and every op (un-fused); see the module docstring, "On-chip memory"
+    trace_fused: tuple = field(default=(), repr=False, compare=False)
+    trace_unfused: tuple = field(default=(), repr=False, compare=False)
 
     def param_bytes(self, dtype: str = "fp32") -> float:
         return self.params * DTYPE_BYTES[dtype]
 
-    def memory_bytes(self, dtype: str, fused: bool, batch: float = 1.0) -> float:
-        """HBM bytes of one device's step on ``batch`` samples in ``dtype``, eager or fully fused."""
+    def memory_bytes(self, dtype: str, fused: bool, batch: float = 1.0, onchip: float = 0.0) -> float:
+        """HBM bytes of one device's step on ``batch`` samples in ``dtype``, eager or fully fused, with
+        ``onchip`` bytes of on-chip memory that keeps tensors between kernels (0: none)."""
+        scale = DTYPE_BYTES[dtype] / 4
+        if onchip > 0:
+            trace = self.trace_fused if fused else self.trace_unfused
+            if not trace:
+                raise ValueError(f"workload {self.name} has no kernel trace; on-chip memory needs one")
+            return hbm_bytes(trace, batch, onchip, scale)
         per_sample, per_step = ((self.bytes_fused, self.bytes_fused_step) if fused
                                 else (self.bytes_unfused, self.bytes_unfused_step))
-        return (per_sample * batch + per_step) * DTYPE_BYTES[dtype] / 4
+        return (per_sample * batch + per_step) * scale
 
     def kernels(self, fused: bool) -> int:
         """Kernels one forward + backward launches, fused (XLA-style) or op by op."""
         return self.kernels_fused if fused else self.kernels_unfused
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("trace")}
+
+
+def hbm_bytes(trace: tuple, batch: float, onchip: float, scale: float = 1.0) -> float:
+    """HBM bytes of replaying ``trace`` (see :class:`Workload`) at ``batch`` through ``onchip`` bytes of
+    least-recently-used on-chip memory: reads of resident tensors are free; writes, and tensors larger than the
+    memory, always go to HBM. Sizes are fp32 bytes times ``scale``."""
+    resident: OrderedDict[int, float] = OrderedDict()
+    used = total = 0.0
+    for kernel in trace:
+        for key, per_sample, per_step, written in kernel:
+            size = (per_sample * batch + per_step) * scale
+            if key in resident:
+                resident.move_to_end(key)
+                if written:
+                    total += size
+                continue
+            total += size
+            if size <= onchip:
+                resident[key] = size
+                used += size
+                while used > onchip:
+                    used -= resident.popitem(last=False)[1]
+    return total
+
+
+def _tensors(x) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(x) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 class _ByteCounter(TorchDispatchMode):
-    """Sums the bytes of the tensors every aten op reads and writes (views and aliases excluded)."""
+    """Sums the bytes of the tensors every aten op reads and writes (views and aliases excluded), and records
+    each kernel's tensor accesses (see :class:`Workload`, ``trace_*``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.total = self.heavy = self.boundary = 0.0
         self.layers = self.kernels = self.heavy_kernels = 0
         self.forward = True
+        self.trace_unfused: list[tuple[str, list]] = []
+        self.trace_fused: list[tuple[str, list]] = []
+        self._storages: list = []           # kept alive so that storage ids are never reused in the pass
+        self._same: dict[int, int] = {}     # fused: an elementwise/norm op's output -> the tensor it stands for
+
+    def _id(self, t: torch.Tensor, fused: bool) -> int:
+        storage = t.untyped_storage()
+        self._storages.append(storage)
+        key = storage._cdata
+        while fused and key in self._same:
+            key = self._same[key]
+        return key
+
+    def _record(self, trace: list, name: str, ins: list, outs: list, fused: bool) -> None:
+        trace.append((name, [(self._id(t, fused), t.numel() * 4, False) for t in ins]
+                      + [(self._id(t, fused), t.numel() * 4, True) for t in outs]))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -122,17 +186,37 @@ class _ByteCounter(TorchDispatchMode):
             return out
         if name not in _NO_KERNEL:
             self.kernels += 1
-        nbytes = sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
-                     if isinstance(t, torch.Tensor) and t.is_floating_point())
+        ins, outs = _tensors((args, kwargs)), _tensors(out)
+        nbytes = sum(t.numel() * t.element_size() for t in ins + outs)
         self.total += nbytes
+        if name not in _NO_KERNEL:
+            self._record(self.trace_unfused, name, ins, outs, fused=False)
         if name in _HEAVY:
+            self._record(self.trace_fused, name, ins, outs, fused=True)
             self.heavy += nbytes
             self.heavy_kernels += 1
             if self.forward:
                 self.layers += 1
                 self.boundary += sum(t.numel() * t.element_size() for t in tree_leaves(out)
                                      if isinstance(t, torch.Tensor))
+        else:   # fused into its neighbours: an output of an input's size is that input, as the compiler sees it
+            for o in outs:
+                same = next((t for t in ins if t.numel() == o.numel()), None)
+                if same is not None:
+                    key, target = self._id(o, fused=False), self._id(same, fused=True)
+                    if key != target:
+                        self._same[key] = target
         return out
+
+
+def _per_sample_trace(t2: list, t4: list) -> tuple:
+    """Two traces of the same pass at batches 2 and 4 -> per kernel, (id, per-sample, per-step, written),
+    with the ids renumbered from 0 in order of first use."""
+    if [n for n, _ in t2] != [n for n, _ in t4] or any(len(a) != len(b) for (_, a), (_, b) in zip(t2, t4)):
+        raise RuntimeError("the kernels of the passes at batches 2 and 4 differ; cannot split per sample")
+    ids: dict[int, int] = {}
+    return tuple(tuple((ids.setdefault(k, len(ids)), (b4 - b2) / 2, 2 * b2 - b4, w)
+                       for (_, b2, _), (k, b4, w) in zip(a, b)) for (_, a), (_, b) in zip(t2, t4))
 
 
 class _TokenModel(nn.Module):
@@ -149,7 +233,7 @@ class _TokenModel(nn.Module):
         return self.head(self.encoder(self.embed(x)))
 
 
-def count_module(model: nn.Module, sample: torch.Tensor) -> dict[str, float]:
+def count_module(model: nn.Module, sample: torch.Tensor) -> dict:
     """FLOPs and bytes of one forward+backward of ``model`` on the batch ``sample``, per sample.
 
     Runs wherever ``model`` and ``sample`` live; use the ``meta`` device to count without computing.
@@ -164,7 +248,8 @@ def count_module(model: nn.Module, sample: torch.Tensor) -> dict[str, float]:
     return {"flops_fwd": fwd / n, "flops": flops.get_total_flops() / n, "bytes_unfused": bytes_mode.total / n,
             "bytes_fused": bytes_mode.heavy / n, "boundary_bytes": bytes_mode.boundary / n,
             "layers": bytes_mode.layers, "kernels_unfused": bytes_mode.kernels,
-            "kernels_fused": bytes_mode.heavy_kernels, "params": sum(p.numel() for p in model.parameters())}
+            "kernels_fused": bytes_mode.heavy_kernels, "params": sum(p.numel() for p in model.parameters()),
+            "trace_fused": bytes_mode.trace_fused, "trace_unfused": bytes_mode.trace_unfused}
 
 
 def _build(model: str, dataset: str) -> tuple[nn.Module, torch.Tensor]:
@@ -213,5 +298,6 @@ def workload(model: str = "resnet50", dataset: str | None = None) -> Workload:
                     bytes_unfused_step=step["bytes_unfused"], bytes_fused_step=step["bytes_fused"],
                     boundary_bytes=c["boundary_bytes"], layers=int(c["layers"]),
                     kernels_unfused=int(c["kernels_unfused"]), kernels_fused=int(c["kernels_fused"]),
-                    params=int(c["params"]),
-                    dataset_size=DATASETS[dataset][2])
+                    params=int(c["params"]), dataset_size=DATASETS[dataset][2],
+                    trace_fused=_per_sample_trace(c2["trace_fused"], c["trace_fused"]),
+                    trace_unfused=_per_sample_trace(c2["trace_unfused"], c["trace_unfused"]))
