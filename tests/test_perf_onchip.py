@@ -78,3 +78,13 @@ def test_tpu_v4_cmem_speeds_up_small_per_chip_batches(tmp_path):
     # at 16 images per chip the activations of a layer fit in 128 MiB: much less HBM traffic; at 1024 far less so
     assert step("tpu-v4-nocmem", 16) / step("tpu-v4", 16) > 1.4
     assert 1.0 <= step("tpu-v4-nocmem", 1024) / step("tpu-v4", 1024) < 1.1
+
+
+def test_projection_reports_the_hbm_traffic_and_the_saving(run_cli):
+    proc = run_cli("project", "--model", "resnet50", "--hardware", "tpu-v4", "--devices", 64, "--batch", 1216,
+                   "--epochs", 1, check=True)
+    wl = workload("resnet50", "imagenet")
+    hbm = wl.memory_bytes("bf16", False, 19, 128 * MiB)
+    saving = wl.memory_bytes("bf16", False, 19) / hbm
+    assert f"tensors kept in 128 MiB on chip between kernels: {saving:.2f}x less" in proc.stdout
+    assert f"HBM traffic        {hbm / 1e9:9.2f} GB" in proc.stdout

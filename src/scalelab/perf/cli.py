@@ -153,6 +153,9 @@ def format_projection(p: Projection) -> str:
         f"parallel {s['parallel']}",
         f"  compute per step     {p.compute_s * ms:9.2f} ms  ({p.compute_bound}-bound; {p.dtype} peak "
         f"{p.peak_flops / 1e12:g} TFLOP/s x {s['compute_eff']:g}, memory x {s['memory_eff']:g})",
+        f"    HBM traffic        {p.hbm_bytes / 1e9:9.2f} GB" + (
+            f"  (tensors kept in {s['onchip_memory'] / 2**20:g} MiB on chip between kernels: "
+            f"{s['onchip_saving']:.2f}x less)" if s["onchip_memory"] else ""),
         f"    forward / backward {p.forward_s * ms:9.2f} / {p.backward_s * ms:.2f} ms",
         f"    of which kernels   {p.kernel_overhead_s * ms:9.2f} ms  (a fixed {s['kernel_s'] * 1e6:g} us "
         f"per kernel, independent of the batch)",

@@ -89,6 +89,7 @@ class Projection:
     algorithm: str
     dtype: str
     comm_bytes: float
+    hbm_bytes: float          # one device's HBM traffic per step (after on-chip memory, if the device has one)
     peak_flops: float
     achieved_flops: float
     setup: dict = field(default_factory=dict)
@@ -153,7 +154,8 @@ def project(setup: Setup, catalog: Catalog | None = None) -> Projection:
     # 1. compute: roofline per sample, on this device's share of the batch
     b = setup.batch / replicas
     t_flops = b * wl.flops / (peak * fam.compute_eff)
-    t_mem = wl.memory_bytes(dtype, fam.fused, b, acc.onchip_memory) / (acc.memory_bw * fam.memory_eff)
+    hbm = wl.memory_bytes(dtype, fam.fused, b, acc.onchip_memory)
+    t_mem = hbm / (acc.memory_bw * fam.memory_eff)
     bound = "compute" if t_flops >= t_mem else "memory"
     bubble = 0.0
     kernels = wl.kernels(fam.fused if fam.fused_kernels is None else fam.fused_kernels)
@@ -214,13 +216,15 @@ def project(setup: Setup, catalog: Catalog | None = None) -> Projection:
         comm_s=t_comm, comm_exposed_s=exposed, comm_overlap_s=t_comm - exposed, model_parallel_s=t_mp,
         bubble_fraction=bubble, kernel_overhead_s=t_kernels, buckets=buckets, input_s=t_input,
         per_device_batch=b / (mp if kind == "pipeline" else 1),
-        algorithm=algo, dtype=dtype, comm_bytes=size, peak_flops=peak, achieved_flops=achieved,
+        algorithm=algo, dtype=dtype, comm_bytes=size, hbm_bytes=hbm, peak_flops=peak, achieved_flops=achieved,
         setup={"model": wl.name, "dataset": wl.dataset, "accelerator": acc.name, "devices": setup.devices,
                "per_node": per_node, "nodes": nodes, "interconnect": net_name, "batch": setup.batch,
                "parallel": setup.parallel, "compress": compression.spec, "comm_dtype": comm_dtype,
                "steps_rule": setup.steps.describe(), "family": fam.name, "compute_eff": fam.compute_eff,
                "memory_eff": fam.memory_eff, "kernel_s": fam.kernel_s,
-               "net_hop_latency_s": fam.net_hop_latency_s, "collective_base_s": fam.collective_base_s},
+               "net_hop_latency_s": fam.net_hop_latency_s, "collective_base_s": fam.collective_base_s,
+               "onchip_memory": acc.onchip_memory,
+               "onchip_saving": wl.memory_bytes(dtype, fam.fused, b) / hbm if acc.onchip_memory else 1.0},
         assumptions=notes)
 
 
