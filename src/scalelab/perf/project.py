@@ -10,6 +10,9 @@ Per optimizer step, for one device (all devices do the same work in synchronous 
    ramp-up and tail: the latency term of the kernel, as alpha is of a message; Hockney 1994), times the
    kernels per step counted from the model (op by op, or only the convolutions/matmuls when fused). This is
    why a device is less efficient at a small per-device batch: ``throughput(b) = b / (K kernel_s + b t_1)``.
+   On an accelerator with ``onchip_memory`` (TPU v4's CMEM), M is the HBM traffic left after the kernels'
+   reads of tensors still on chip (:meth:`scalelab.perf.workload.Workload.memory_bytes`): it depends on the
+   per-device batch, no longer ``b`` times a per-sample figure.
 2. Optimizer update: ``params * 20 bytes`` (read fp32 weight, gradient, momentum; write weight, momentum)
    at the memory bandwidth, plus the family's fixed per-step overhead.
 3. Communication: the gradient all-reduce (``comm``) in the communication dtype, after compression. It
