@@ -7,12 +7,19 @@
 #   SEEDS="0 1 ... 7" TEST=10000 docs/lab/combine_985_seeds.sh  -> docs/lab/results/sweep-985-test10000/combined-8-seeds
 #   FRESH=no ...    momentum SGD and K-FAC only (their common reference without fresh K-FAC) -> ...-seeds-sgd-kfac
 #   LOW=no ...      without the lower-LR searches (the first draw's eight seeds as first published)
+#   DECAY=yes ...   the decayed-LR sweeps instead (docs/lab/sweep_985_decay.sh: momentum SGD and K-FAC, best over
+#                   the horizons) -> docs/lab/results/sweep-985-[test10000-]decay/combined-N-seeds
 set -e
+case "${DECAY:-no}" in yes|no) ;; *) echo "$0: DECAY=$DECAY is not one of: yes, no" >&2; exit 2 ;; esac
 case "${FRESH:-yes}" in yes) suffix="" ;; no) suffix=-sgd-kfac ;;
   *) echo "$0: FRESH=$FRESH is not one of: yes, no" >&2; exit 2 ;; esac
 case "${LOW:-yes}" in yes|no) ;; *) echo "$0: LOW=$LOW is not one of: yes, no" >&2; exit 2 ;; esac
 . docs/lab/seeds_985.sh
 args="" n=0
+if [ "${DECAY:-no}" = yes ]; then
+  for s in $SEEDS; do args="$args --seed $s=$(decay_dirs $s)" n=$((n + 1)); done
+  exec python docs/lab/combine_985.py $DECAY_DIR/combined-$n-seeds $args
+fi
 for s in $SEEDS; do
   dirs=$(default_dirs $s) names="sgd kfac"
   if [ -z "$suffix" ]; then
