@@ -84,9 +84,54 @@ def test_budget_is_the_larger_of_epochs_and_steps():
 
 def test_warmup_searched_only_at_large_batches():
     s = spec(batches=[256, 1024, 2048], warmups=[1, 0.25, 4], warmup_search_from=1024)
-    assert s.cells() == [("sgd", 256, 1), ("sgd", 1024, 1), ("sgd", 1024, 0.25), ("sgd", 1024, 4),
-                         ("sgd", 2048, 1), ("sgd", 2048, 0.25), ("sgd", 2048, 4)]
+    assert s.cells() == [("sgd", 256, 1, None), ("sgd", 1024, 1, None), ("sgd", 1024, 0.25, None),
+                         ("sgd", 1024, 4, None), ("sgd", 2048, 1, None), ("sgd", 2048, 0.25, None),
+                         ("sgd", 2048, 4, None)]
     assert len(spec(batches=[256, 1024], warmups=[1, 4]).cells()) == 4     # default: every batch
+
+
+def test_horizons_are_cells_with_their_own_budget_and_schedule_length():
+    from scalelab.config import load_config
+    from scalelab.errors import ConfigError
+    from scalelab.lab.sweep import Trial, trial_config
+
+    cosine = load_config(None, ["recipe.schedule=cosine"]).to_dict()
+    s = spec(base=cosine, batches=[64, 2048], horizons=[1, 8], budget_steps=100)
+    assert s.cells() == [("sgd", 64, 1.0, 1), ("sgd", 64, 1.0, 8), ("sgd", 2048, 1.0, 1), ("sgd", 2048, 1.0, 8)]
+    assert s.budget(64, 45000, 1) == 703 and s.budget(64, 45000, 8) == 5624     # the horizon in steps ...
+    assert s.budget(2048, 45000, 8) == 168 and s.budget(2048, 45000, 1) == 100  # ... at least budget_steps
+    assert not s.prunable                         # a decaying LR: stopping early would change the trial
+    t = Trial("sgd", 2048, 1.0, 1.0, 0.4, horizon=8)
+    assert t.id == "sgd-b2048-w1-h8-x1" and Trial("sgd", 2048, 1.0, 1.0, 0.4).id == "sgd-b2048-w1-x1"
+    cfg = trial_config(s, t, None, s.budget(2048, 45000, 8))
+    assert cfg["train"]["epochs"] == 8 and cfg["train"]["max_steps"] == 168
+    constant = load_config(None, ["recipe.schedule=constant"]).to_dict()
+    with pytest.raises(ConfigError, match="decaying LR"):
+        spec(base=constant, horizons=[1, 2])      # a constant LR: a longer budget only adds steps
+    with pytest.raises(ConfigError, match="> 0 and distinct"):
+        spec(base=cosine, horizons=[1, 1])
+
+
+def test_sweep_over_horizons_takes_the_best_and_resumes(tmp_path):
+    from scalelab.cli import main
+
+    out = tmp_path / "sweep"
+    args = ["sweep", "--set", "data.name=digits", "--set", "model.name=mlp", "--set", "model.width=32",
+            "--set", "recipe.schedule=cosine", "--set", "recipe.warmup_epochs=0", "--batch", "64",
+            "--target-acc", "0.8", "--lr-guess", "sgd=0.1@64", "--lr-mults", "1", "--extend", "0",
+            "--horizons", "0.5,4", "--eval-examples", "128", "--jobs", "1", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    rows = list(csv.DictReader((out / "sweep.csv").read_text().splitlines()))
+    assert sorted((float(r["horizon"]), int(r["budget"])) for r in rows) == [(0.5, 12), (4.0, 92)]
+    reached = [r for r in rows if r["steps_to_target"]]
+    assert reached, rows                          # 4 epochs of digits at batch 64 reach 80%
+    best = list(csv.DictReader((out / "best.csv").read_text().splitlines()))
+    fastest = min(reached, key=lambda r: int(r["steps_to_target"]))
+    assert best[0]["steps_to_target"] == fastest["steps_to_target"] and best[0]["horizon"] == fastest["horizon"]
+    before = _files(out)
+    assert main(args) == 0                        # resumed: nothing to run again
+    assert _files(out) == before and json.loads((out / "sweep.json").read_text())["resumed_trials"] == 2
+    assert main([a if a != "0.5,4" else "0.5,8" for a in args]) == 2   # other horizons: refused
 
 
 def test_failed_trials_are_kept_and_marked(tmp_path):

@@ -4,7 +4,8 @@
 # K-FAC over batch 64..2048 with the LR grids of docs/lab/sweep_985_seeds.sh, and E = 16 for momentum SGD at 2048
 # alone (8 epochs there are 168 steps, fewer than its constant-LR trials needed); a cell's value is its best over
 # the horizons. Trials cannot be pruned (the LR depends on the run's length), so every trial runs to the target or
-# its horizon.
+# its horizon. (`scalelab sweep --horizons 1,2,4,8` now searches the horizons in one sweep; this script, one sweep
+# per horizon, is what produced the published results and replays them.)
 #
 #   SEEDS="0" docs/lab/sweep_985_decay.sh      -> docs/lab/results/sweep-985-decay/seedS-eE
 #   SEEDS="0" HORIZONS=16 docs/lab/sweep_985_decay.sh    only the given horizons (default: 1 2 4 8 16)

@@ -76,7 +76,9 @@ def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool,
              + (f" (the first at every batch, the others from batch {spec['warmup_search_from']} on)"
                 if spec.get("warmup_search_from") and len(spec["warmups"]) > 1 else "")
              + "; LR schedule after warm-up: "
-             f"{_fmt(base['recipe']['schedule'])}; budget {spec['budget_epochs']:g} epochs"
+             f"{_fmt(base['recipe']['schedule'])}; budget "
+             + (f"searched over {', '.join(f'{e:g}' for e in spec['horizons'])} epochs (the LR schedule's length)"
+                if spec.get("horizons") else f"{spec['budget_epochs']:g} epochs")
              + (f", at least {spec['budget_steps']} steps" if spec.get("budget_steps") else "")
              + f" (per batch: the budget column below); evaluation every "
              f"max(1, round({spec['eval_examples']}/B)) steps</li>"
@@ -140,7 +142,7 @@ def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool,
 
     h.append("<h2>Every trial</h2><details><summary>show all {} trials</summary><table><tr>".format(
         len(summary["trials"])))
-    cols = ["optimizer", "batch", "warmup", "mult", "lr", "status", "steps_to_target", "steps", "cap",
+    cols = ["optimizer", "batch", "warmup", *(["horizon"] if spec.get("horizons") else []), "mult", "lr", "status", "steps_to_target", "steps", "cap",
             "budget", "best_test_acc", "wall_s"]
     h += [f"<th>{c}</th>" for c in cols] + ["</tr>"]
     for r in summary["trials"]:

@@ -10,7 +10,7 @@ learning rate of a search space, and take the fewest steps any of them needed. S
 shows perfect scaling (steps halve when B doubles), diminishing returns and the end of useful parallelism; the
 knee (:mod:`scalelab.lab.knee`) is where perfect scaling ends.
 
-The search, per cell (optimizer, batch, warmup):
+The search, per cell (optimizer, batch, warmup, horizon):
 
 * The LRs are ``guess(B) * m`` for each multiplier ``m`` of ``--lr-mults``, with ``guess(B)`` from the
   optimizer's ``--lr-guess LR@BATCH:RULE`` scaled to B by the rule (``linear``, ``sqrt`` or ``none``).
@@ -28,6 +28,12 @@ The budget of a trial is ``max(round(budget_epochs * (N // B)), budget_steps)`` 
 which says more about the budget than about the batch; ``--budget-steps`` guarantees every batch at least that
 many steps, and leaves the budget of the small batches, where the epochs give more, unchanged. Each trial
 records its ``budget`` and its ``cap`` (the steps it was allowed: the budget, or the pruning limit if lower).
+
+A decaying LR schedule (``recipe.schedule`` cosine, step, poly...) runs over the trial's budget, so the budget is
+also the schedule's length, which Shallue et al. tune as well: ``--horizons 1,2,4,8`` searches budgets of 1, 2,
+4 and 8 epochs (each at least ``--budget-steps``), each its own cell with its own LR search, and the best per
+(optimizer, batch) is taken over them, as over the warm-ups. Such trials cannot be pruned (stopping one early
+would change its LR), so each runs to the target or to its horizon.
 
 Every trial is a separate worker process (``train.threads=1``, no run directory), up to ``--jobs`` at a time
 (``--jobs 1`` runs them in the sweep's own process).
@@ -115,6 +121,8 @@ class SweepSpec:
         budget_epochs: a trial that has not reached the target after this many epochs is ``missed`` ...
         budget_steps: ... unless the epochs are fewer steps than this: a trial's budget is the larger of the two
             (:meth:`budget`); 0 = epochs only.
+        horizons: budgets in epochs to search over instead of ``budget_epochs``, for a decaying LR schedule
+            (whose length is the trial's budget); each is a cell of its own. Empty: ``budget_epochs`` alone.
         eval_examples: evaluate every ``max(1, round(eval_examples / B))`` steps (the steps resolution).
         extend: how many extra LR points the search may add beyond each edge of the grid.
         tol: the knee tolerance (see :mod:`scalelab.lab.knee`).
@@ -130,6 +138,7 @@ class SweepSpec:
     warmup_search_from: int = 0
     budget_epochs: float = 30.0
     budget_steps: int = 0
+    horizons: list[float] = field(default_factory=list)
     eval_examples: int = 2048
     extend: int = 2
     tol: float = 1.25
@@ -145,22 +154,29 @@ class SweepSpec:
                 or self.tol < 1):
             raise ConfigError("need --budget-epochs > 0, --budget-steps >= 0, --eval-examples >= 1, --extend >= 0, "
                               "--tol >= 1")
+        if self.horizons and (any(h <= 0 for h in self.horizons) or len(set(self.horizons)) < len(self.horizons)):
+            raise ConfigError(f"--horizons {','.join(f'{h:g}' for h in self.horizons)}: must be > 0 and distinct")
+        if self.horizons and self.base["recipe"]["schedule"] == "constant":
+            raise ConfigError("--horizons needs a decaying LR (--set recipe.schedule=cosine, step, poly...); with "
+                              "recipe.schedule=constant a longer budget only adds steps")
         self.batches = sorted(set(self.batches))
         self.lr_mults = sorted(set(self.lr_mults))
 
-    def cells(self) -> list[tuple[str, int, float]]:
-        """The (optimizer, batch, warm-up) cells, each with its own LR search."""
-        return [(o, b, w) for o in self.optimizers for b in self.batches for i, w in enumerate(self.warmups)
-                if i == 0 or b >= self.warmup_search_from]
+    def cells(self) -> list[tuple[str, int, float, float | None]]:
+        """The (optimizer, batch, warm-up, horizon) cells, each with its own LR search (horizon None: no
+        horizon search, the budget is ``budget_epochs``)."""
+        return [(o, b, w, h) for o in self.optimizers for b in self.batches for i, w in enumerate(self.warmups)
+                if i == 0 or b >= self.warmup_search_from for h in (self.horizons or [None])]
 
     def guess(self, opt: str) -> LRGuess:
         return LRGuess(**self.guesses[opt])
 
-    def budget(self, batch: int, n_train: int) -> int:
+    def budget(self, batch: int, n_train: int, horizon: float | None = None) -> int:
         """A trial's budget in steps at ``batch`` with ``n_train`` training examples: the larger of
-        ``budget_epochs`` epochs (counted as the trainer counts them, ``round(epochs * (n_train // batch))``)
-        and ``budget_steps``."""
-        return max(1, round(self.budget_epochs * (n_train // batch)), self.budget_steps)
+        ``horizon`` (or, without one, ``budget_epochs``) epochs, counted as the trainer counts them,
+        ``round(epochs * (n_train // batch))``, and ``budget_steps``."""
+        epochs = self.budget_epochs if horizon is None else horizon
+        return max(1, round(epochs * (n_train // batch)), self.budget_steps)
 
     def eval_every(self, batch: int) -> int:
         return max(1, round(self.eval_examples / batch))
@@ -179,14 +195,16 @@ class Trial:
     warmup: float
     mult: float
     lr: float
+    horizon: float | None = None
 
     @property
     def id(self) -> str:
-        return f"{self.optimizer}-b{self.batch}-w{self.warmup:g}-x{self.mult:g}"
+        h = "" if self.horizon is None else f"-h{self.horizon:g}"
+        return f"{self.optimizer}-b{self.batch}-w{self.warmup:g}{h}-x{self.mult:g}"
 
     @property
-    def cell(self) -> tuple[str, int, float]:
-        return self.optimizer, self.batch, self.warmup
+    def cell(self) -> tuple[str, int, float, float | None]:
+        return self.optimizer, self.batch, self.warmup, self.horizon
 
 
 def trial_config(spec: SweepSpec, trial: Trial, cap: int | None, budget: int) -> dict[str, Any]:
@@ -199,7 +217,8 @@ def trial_config(spec: SweepSpec, trial: Trial, cap: int | None, budget: int) ->
                        warmup_epochs=trial.warmup)
     if trial.optimizer == "sgd" and d["recipe"]["momentum"] == 0:
         d["recipe"]["nesterov"] = False
-    d["train"].update(batch_size=trial.batch, target_acc=spec.target_acc, epochs=spec.budget_epochs,
+    epochs = spec.budget_epochs if trial.horizon is None else trial.horizon
+    d["train"].update(batch_size=trial.batch, target_acc=spec.target_acc, epochs=epochs,
                       max_steps=min(cap, budget) if cap else budget, eval_every=spec.eval_every(trial.batch),
                       threads=1, progress=False, name=trial.id)
     from_dict(d)  # validate here, in the parent, so a bad combination fails before any process starts
@@ -378,7 +397,8 @@ def _check_spec(spec: SweepSpec, out: Path) -> None:
                 theirs.setdefault("base", {}).setdefault(sec, {})[k] = table[k]
         # ... nor do sweep settings added since, when this sweep leaves them at their defaults
         for k, f in SweepSpec.__dataclass_fields__.items():
-            if k not in theirs and f.default is not MISSING and mine[k] == f.default:
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            if k not in theirs and default is not MISSING and mine[k] == default:
                 theirs[k] = mine[k]
         if theirs != mine:
             keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
@@ -414,7 +434,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, jobs: int = 0, progress: bool = 
     cells = spec.cells()
     by_cell: dict[tuple, list[dict]] = {c: [] for c in cells}
     for r in done.values():
-        key = (r["optimizer"], r["batch"], r["warmup"])
+        key = (r["optimizer"], r["batch"], r["warmup"], r.get("horizon"))
         if key in by_cell:
             by_cell[key].append(r)
     resumed = len(done)
@@ -429,10 +449,10 @@ def run_sweep(spec: SweepSpec, out: str | Path, jobs: int = 0, progress: bool = 
         while True:
             ready = []
             for cell in cells:
-                opt, b, w = cell
+                opt, b, w, h = cell
                 busy = {t.mult for t in running.values() if t.cell == cell}
                 for m in next_mults(spec, by_cell[cell], busy, chance):
-                    t = Trial(opt, b, w, m, spec.guess(opt).at(b) * m)
+                    t = Trial(opt, b, w, m, spec.guess(opt).at(b) * m, h)
                     if t.id in done:  # resumed: its result is already in by_cell
                         continue
                     ready.append(t)
@@ -443,7 +463,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, jobs: int = 0, progress: bool = 
                 t = ready.pop(0)
                 best = best_of(by_cell[t.cell])
                 cap = best["steps_to_target"] if best is not None and spec.prunable else None
-                budget = spec.budget(t.batch, n_train)
+                budget = spec.budget(t.batch, n_train, t.horizon)
                 running[ex.submit(run_trial, t, trial_config(spec, t, cap, budget), cap, budget, str(out))] = t
             if not running:
                 break
@@ -483,7 +503,8 @@ def summarize(spec: SweepSpec, trials: list[dict[str, Any]]) -> dict[str, Any]:
     """Best trial per (optimizer, batch) over LRs and warm-ups, the knee of each optimizer and a McCandlish fit."""
     from scalelab.lab.knee import find_knee, fit_mccandlish
 
-    trials = sorted(trials, key=lambda r: (r["optimizer"], r["batch"], r["warmup"], r["mult"]))
+    trials = sorted(trials, key=lambda r: (r["optimizer"], r["batch"], r["warmup"], r.get("horizon") or 0,
+                                           r["mult"]))
     best_rows, knees, curves = [], {}, {}
     for opt in spec.optimizers:
         steps = []
@@ -493,12 +514,13 @@ def summarize(spec: SweepSpec, trials: list[dict[str, Any]]) -> dict[str, Any]:
             statuses = {s: sum(r["status"] == s for r in cell) for s in ("reached",) + FAILED}
             budgets = [r["budget"] for r in cell if r.get("budget")]
             row = {"batch": b, "optimizer": opt, "steps_to_target": None, "examples_to_target": None,
-                   "time_to_target_s": None, "lr": None, "warmup": None, "trials": len(cell),
+                   "time_to_target_s": None, "lr": None, "warmup": None, "horizon": None, "trials": len(cell),
                    "budget": max(budgets) if budgets else None,
                    **{f"n_{k}": v for k, v in statuses.items()}}
             if best is not None:
                 row.update(steps_to_target=best["steps_to_target"], examples_to_target=best["examples_to_target"],
                            time_to_target_s=best["time_to_target_s"], lr=best["lr"], warmup=best["warmup"],
+                           horizon=best.get("horizon"),
                            edge=best["mult"] in (min(r["mult"] for r in cell), max(r["mult"] for r in cell))
                            and len(cell) > 1)
             best_rows.append(row)
@@ -528,11 +550,11 @@ def summarize(spec: SweepSpec, trials: list[dict[str, Any]]) -> dict[str, Any]:
             "counts": {s: sum(r["status"] == s for r in trials) for s in ("reached",) + FAILED}}
 
 
-CSV_COLUMNS = ["batch", "optimizer", "steps_to_target", "lr", "mult", "warmup", "status", "best",
+CSV_COLUMNS = ["batch", "optimizer", "steps_to_target", "lr", "mult", "warmup", "horizon", "status", "best",
                "examples_to_target", "time_to_target_s", "steps", "cap", "budget", "final_test_acc", "best_test_acc",
                "wall_s", "id", "error"]
 BEST_COLUMNS = ["batch", "optimizer", "steps_to_target", "steps", "examples_to_target", "time_to_target_s", "lr",
-                "warmup", "budget", "trials", "n_reached", "n_diverged", "n_missed", "n_pruned", "n_error"]
+                "warmup", "horizon", "budget", "trials", "n_reached", "n_diverged", "n_missed", "n_pruned", "n_error"]
 
 
 def write_outputs(spec: SweepSpec, summary: dict[str, Any], out: Path) -> list[Path]:
@@ -639,6 +661,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-epochs", type=float, default=30.0, help="epochs after which a trial is 'missed'")
     p.add_argument("--budget-steps", type=int, default=0, help="but at least this many steps: a trial's budget "
                    "is max(budget-epochs in steps, budget-steps), so large batches get steps enough (default 0)")
+    p.add_argument("--horizons", default=None, metavar="E1,E2,...", help="with a decaying recipe.schedule: "
+                   "budgets in epochs to search (each the LR schedule's length), instead of --budget-epochs")
     p.add_argument("--eval-examples", type=int, default=2048, help="evaluate every max(1, round(this / B)) "
                    "steps (default 2048)")
     p.add_argument("--tol", type=float, default=1.25, help="knee tolerance over perfect scaling (default 1.25)")
@@ -675,6 +699,7 @@ def spec_from_args(args) -> SweepSpec:
                      lr_mults=_floats(args.lr_mults, "--lr-mults"), warmups=warmups,
                      warmup_search_from=args.warmup_search_from, budget_epochs=args.budget_epochs,
                      budget_steps=args.budget_steps, eval_examples=args.eval_examples, extend=args.extend,
+                     horizons=_floats(args.horizons, "--horizons") if args.horizons else [],
                      tol=args.tol)
 
 
