@@ -102,5 +102,5 @@ def test_low_edges_names_a_broken_sweep_csv(tmp_path):
 
 def test_spread_of_seeds_per_cell():
     s = combine.spread([64, 128], [{"a": [100, None]}, {"a": [300, 50]}, {"a": [200, None]}])
-    assert s["a"]["64"] == {"reached": 3, "max_over_min": 3.0, "cv": pytest.approx(100 / 200)}
-    assert s["a"]["128"] == {"reached": 1, "max_over_min": 1.0, "cv": None}
+    assert s["a"]["64"] == {"reached": 3, "mean_reached": 200, "max_over_min": 3.0, "cv": pytest.approx(100 / 200)}
+    assert s["a"]["128"] == {"reached": 1, "mean_reached": 50, "max_over_min": 1.0, "cv": None}

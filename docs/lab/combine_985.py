@@ -100,9 +100,9 @@ def mean_curves(batches, curves: list[dict]) -> dict:
 
 
 def spread(batches, curves: list[dict]) -> dict:
-    """Per optimizer and batch, how much the seeds scatter: the seeds that reached the target, the largest over the
-    smallest of their steps, and the coefficient of variation (sample standard deviation over the mean; None with
-    fewer than two seeds). This, against the tolerance of the knee (1.25), says whether one seed's knee means much."""
+    """Per optimizer and batch, how much the seeds scatter: the seeds that reached the target, the mean of their
+    steps (the mean over seeds is None where any seed missed), the largest over the smallest of them, and the
+    coefficient of variation (sample standard deviation over the mean; None with fewer than two seeds). This, against the tolerance of the knee (1.25), says whether one seed's knee means much."""
     import statistics
 
     out: dict = {}
@@ -110,8 +110,8 @@ def spread(batches, curves: list[dict]) -> dict:
         for i, b in enumerate(batches):
             xs = [c[o][i] for c in curves if o in c and c[o][i] is not None]
             cv = statistics.stdev(xs) / statistics.fmean(xs) if len(xs) > 1 else None
-            out.setdefault(o, {})[str(b)] = {"reached": len(xs), "max_over_min": max(xs) / min(xs) if xs else None,
-                                             "cv": cv}
+            out.setdefault(o, {})[str(b)] = {"reached": len(xs), "mean_reached": statistics.fmean(xs) if xs else None,
+                                             "max_over_min": max(xs) / min(xs) if xs else None, "cv": cv}
     return out
 
 
@@ -198,6 +198,12 @@ def main() -> None:
     print(f"spread over the seeds per batch {batches}: coefficient of variation (max/min)")
     for o, v in result["spread"].items():
         cells = [f"{c['cv']:.2f} ({c['max_over_min']:.2f})" if c["cv"] is not None else "-" for c in v.values()]
+        print(f"  {o:>10}: " + ", ".join(cells))
+    n = len(per_seed_curves)
+    print(f"mean over the seeds that reached the target (how many of {n}, where not all)")
+    for o, v in result["spread"].items():
+        cells = [("-" if c["mean_reached"] is None else f"{c['mean_reached']:.1f}")
+                 + (f" ({c['reached']})" if c["reached"] < n else "") for c in v.values()]
         print(f"  {o:>10}: " + ", ".join(cells))
     b = result["bootstrap"]
     print(f"bootstrap over the {b['seeds']} seeds ({b['draws']} draws): knee of the mean, share of draws")
