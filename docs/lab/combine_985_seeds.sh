@@ -9,16 +9,18 @@
 #   LOW=no ...      without the lower-LR searches (the first draw's eight seeds as first published)
 #   DECAY=yes ...   the decayed-LR sweeps instead (docs/lab/sweep_985_decay.sh: momentum SGD and K-FAC, best over
 #                   the horizons) -> docs/lab/results/sweep-985-[test10000-]decay/combined-N-seeds
+#   DECAY=fine ...  and the horizons between (docs/lab/sweep_985_decay_fine.sh) -> ...combined-N-seeds-fine
 set -e
-case "${DECAY:-no}" in yes|no) ;; *) echo "$0: DECAY=$DECAY is not one of: yes, no" >&2; exit 2 ;; esac
+case "${DECAY:-no}" in yes|fine|no) ;; *) echo "$0: DECAY=$DECAY is not one of: yes, fine, no" >&2; exit 2 ;; esac
 case "${FRESH:-yes}" in yes) suffix="" ;; no) suffix=-sgd-kfac ;;
   *) echo "$0: FRESH=$FRESH is not one of: yes, no" >&2; exit 2 ;; esac
 case "${LOW:-yes}" in yes|no) ;; *) echo "$0: LOW=$LOW is not one of: yes, no" >&2; exit 2 ;; esac
 . docs/lab/seeds_985.sh
 args="" n=0
-if [ "${DECAY:-no}" = yes ]; then
-  for s in $SEEDS; do args="$args --seed $s=$(decay_dirs $s)" n=$((n + 1)); done
-  exec python docs/lab/combine_985.py $DECAY_DIR/combined-$n-seeds $args
+if [ "${DECAY:-no}" != no ]; then
+  fine=$([ "$DECAY" = fine ] && echo -fine || true)
+  for s in $SEEDS; do args="$args --seed $s=$(decay_dirs $s $fine)" n=$((n + 1)); done
+  exec python docs/lab/combine_985.py $DECAY_DIR/combined-$n-seeds$fine $args
 fi
 for s in $SEEDS; do
   dirs=$(default_dirs $s) names="sgd kfac"

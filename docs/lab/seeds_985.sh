@@ -17,4 +17,4 @@ default_dirs() {  # SEED -> the default sweep of momentum SGD and K-FAC, with it
 }
 fresh_dir() { echo "$R/sweep-985-${T}kfac-fresh-seed$1"; }
 DECAY_DIR=$R/sweep-985-${T}decay  # docs/lab/sweep_985_decay.sh: seedS-eE, one sweep per horizon E (epochs)
-decay_dirs() { d=$DECAY_DIR/seed$1; echo "$d-e1,$d-e2,$d-e4,$d-e8,$d-e16"; }
+decay_dirs() { d=$DECAY_DIR/seed$1; echo "$d-e1,$d-e2,$d-e4,$d-e8,$d-e16${2:+,$d-fine}"; }  # 2nd arg: with -fine
