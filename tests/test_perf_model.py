@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -181,15 +182,35 @@ def test_catalog_names_and_errors():
     assert math.isclose(cat.network_spec("2xib-fdr").bandwidth, 13.6e9)
 
 
+B200 = ('[accelerator.b200]\nfamily = "hopper"\npeak = { bf16 = 2250e12 }\nmemory = 192e9\nmemory_bw = 8e12\n'
+        'node_link = "nvlink4"\ndefault_per_node = 8\ndefault_network = "8xib-ndr"\n')
+
+
 def test_user_catalog_adds_entries(tmp_path):
     f = tmp_path / "mine.toml"
-    f.write_text('[accelerator.b200]\nfamily = "hopper"\npeak = { bf16 = 2250e12 }\nmemory = 192e9\n'
-                 'memory_bw = 8e12\nnode_link = "nvlink4"\ndefault_per_node = 8\n'
-                 'default_network = "8xib-ndr"\n')
+    f.write_text(B200)
     cat = load_catalog(f)
     assert project(_base(accelerator="b200"), cat).total_s < project(_base(), cat).total_s
     f.write_text('[accelerator.x]\nfamily = "nope"\n')
     with pytest.raises(ConfigError):
+        load_catalog(f)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('onchip_memory = "big"', "onchip_memory = 'big': expected a number"),
+    ("memory_bw = -5", "memory_bw = -5: must be > 0"),
+    ("memory_bw = 0", "memory_bw = 0: must be > 0"),
+    ("default_per_node = 4.5", "default_per_node = 4.5: expected an integer"),
+    ("torus = true", "torus = True: expected an integer"),
+    ("peak = { bf16 = 0 }", "peak = {'bf16': 0}: expected a table of FLOP/s > 0 per dtype"),
+    ("node_link = 3", "node_link = 3: expected a string"),
+])
+def test_user_catalog_bad_values_are_one_line_errors(tmp_path, line, message):
+    key = line.split(" =")[0]
+    body = "".join(l + "\n" for l in B200.splitlines() if not l.startswith(key + " ")) + line + "\n"
+    f = tmp_path / "mine.toml"
+    f.write_text(body)
+    with pytest.raises(ConfigError, match=f"mine.toml: \\[accelerator.b200\\] {re.escape(message)}"):
         load_catalog(f)
 
 

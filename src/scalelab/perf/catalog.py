@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
 
@@ -132,15 +132,45 @@ def _merge(cat: Catalog, data: dict, origin: str) -> None:
         if kind not in kinds:
             raise ConfigError(f"{origin}: unknown catalog section [{kind}]; known: {', '.join(kinds)}")
         table, cls = kinds[kind]
-        for name, fields in entries.items():
+        for name, values in entries.items():
             try:
-                table[name.lower()] = cls(name=name.lower(), **fields)
+                entry = cls(name=name.lower(), **values)
             except TypeError as e:
                 raise ConfigError(f"{origin}: bad entry [{kind}.{name}]: {e}") from None
+            _check_values(entry, f"{origin}: [{kind}.{name}]")
+            table[name.lower()] = entry
     for acc in cat.accelerators.values():
         if acc.family not in cat.families:
             raise ConfigError(f"{origin}: accelerator {acc.name}: " + unknown_name("family", acc.family,
                                                                                    cat.families))
+
+
+# fields the model divides by or scales with: a zero there is no device
+_POSITIVE = {"compute_eff", "memory_eff", "memory", "memory_bw", "bandwidth", "default_per_node"}
+_KINDS = {"float": (int, float), "int": (int,), "str": (str,), "bool": (bool,), "bool | None": (bool, type(None))}
+
+
+def _check_values(entry, where: str) -> None:
+    """Every field of a catalog entry has its declared type, numbers are >= 0 (> 0 where the model divides by
+    them), and a peak is a table of positive FLOP/s per dtype: one-line errors instead of failures later."""
+    for f in fields(entry):
+        v = getattr(entry, f.name)
+        if f.name == "peak":
+            if not isinstance(v, dict) or not v or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v.values()):
+                raise ConfigError(f"{where} peak = {v!r}: expected a table of FLOP/s > 0 per dtype, "
+                                  "e.g. { bf16 = 275e12 }")
+            continue
+        kinds = _KINDS.get(str(f.type))
+        if kinds is None:
+            continue
+        number = kinds[0] is not str and bool not in kinds
+        if not isinstance(v, kinds) or (number and isinstance(v, bool)):
+            want = ("an integer" if kinds == (int,) else "a number" if number
+                    else {str: "a string", bool: "true or false"}[kinds[0]])
+            raise ConfigError(f"{where} {f.name} = {v!r}: expected {want}")
+        if number and (v < 0 or (f.name in _POSITIVE and v == 0)):
+            raise ConfigError(f"{where} {f.name} = {v!r}: must be {'> 0' if f.name in _POSITIVE else '>= 0'}")
 
 
 @cache

@@ -112,7 +112,8 @@ class Workload:
         if onchip > 0:
             trace = self.trace_fused if fused else self.trace_unfused
             if not trace:
-                raise ValueError(f"workload {self.name} has no kernel trace; on-chip memory needs one")
+                raise ConfigError(f"workload {self.name} has no kernel trace, which on-chip memory needs; build "
+                                  "it with scalelab.perf.workload(...)")
             return hbm_bytes(trace, batch, onchip, scale)
         per_sample, per_step = ((self.bytes_fused, self.bytes_fused_step) if fused
                                 else (self.bytes_unfused, self.bytes_unfused_step))
