@@ -10,17 +10,16 @@
 set -e
 SEEDS=${SEEDS:-"0 1 2"}   # the seeds of the batch-64 probe
 . docs/lab/seeds_985.sh
-R=docs/lab/results
 probe() {  # NAME BATCH HORIZON SEED WARMUP LR_MULTS [--set ...]
   name=$1 batch=$2 e=$3 seed=$4 wu=$5 mults=$6; shift 6
   run=runs/lab-probe-985-decay/$name
-  nice -n 19 scalelab sweep --config docs/lab/mnist1d_sweep.toml --target-acc 0.985 --budget-epochs $e \
-    --budget-steps 1 --eval-examples 1024 --batch $batch --optimizers kfac --set train.seed=$seed \
-    --set recipe.schedule=cosine --lr-guess kfac=$KFAC_GUESS --lr-mults $mults --extend 1 \
-    --warmup-epochs $wu --jobs 2 --no-progress --out $run "$@" < /dev/null > /dev/null
+  nice -n 19 scalelab sweep $DECAY_SWEEP --budget-epochs $e --batch $batch --optimizers kfac \
+    --lr-guess kfac=$KFAC_GUESS --lr-mults $mults --warmup-epochs $wu --set train.seed=$seed --no-progress \
+    --out $run "$@" < /dev/null > /dev/null
   mkdir -p $R/probe-985-decay/$name
   (cd $run && cp best.csv sweep.csv sweep.json sweep_spec.json ../../../$R/probe-985-decay/$name/)
-  echo "$name: $(tail -n +2 $run/sweep.csv | cut -d, -f1,3,4,7,15 | tr '\n' ' ')"
+  python -c "import csv, sys; print(sys.argv[1] + ':', ' '.join(','.join(r[k] for k in ('batch', 'steps_to_target',
+    'lr', 'status', 'best_test_acc')) for r in csv.DictReader(open(sys.argv[2]))))" $name $run/sweep.csv
 }
 probe b512-e1-base 512 1 1 0.25 2,4,8
 probe b512-e1-kl1e-2 512 1 1 0.25 2,4,8 --set recipe.kfac_kl_clip=0.01

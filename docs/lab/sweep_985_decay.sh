@@ -13,7 +13,6 @@
 #   SEEDS="0 1 2" [TEST=10000] DECAY=yes docs/lab/combine_985_seeds.sh     the seeds combined -> .../combined-3-seeds
 set -e
 . docs/lab/seeds_985.sh
-D=$DECAY_DIR
 for seed in $SEEDS; do
   for e in ${HORIZONS:-1 2 4 8 16}; do
     case $e in
@@ -22,11 +21,9 @@ for seed in $SEEDS; do
       *) echo "sweep_985_decay.sh: horizon $e is not one of: 1 2 4 8 16" >&2; exit 2 ;;
     esac
     run=runs/lab-sweep-985-${T}decay-seed$seed-e$e
-    nice -n 19 scalelab sweep --config docs/lab/mnist1d_sweep.toml --target-acc 0.985 --budget-epochs $e \
-      --budget-steps 1 --eval-examples 1024 $cells --set train.seed=$seed \
-      --set recipe.schedule=cosine --lr-guess sgd=$SGD_GUESS ${TEST:+--set data.n_test=$TEST} \
-      --lr-mults 0.5,1,2 --extend 1 --warmup-epochs 0.25 --jobs 2 --out $run < /dev/null
-    mkdir -p $D/seed$seed-e$e
-    (cd $run && cp best.csv sweep.csv sweep.json sweep_spec.json ../../$D/seed$seed-e$e/)
+    nice -n 19 scalelab sweep $DECAY_SWEEP --budget-epochs $e $cells --lr-guess sgd=$SGD_GUESS \
+      --set train.seed=$seed --out $run < /dev/null
+    mkdir -p $DECAY_DIR/seed$seed-e$e
+    (cd $run && cp best.csv sweep.csv sweep.json sweep_spec.json ../../$DECAY_DIR/seed$seed-e$e/)
   done
 done

@@ -11,11 +11,9 @@ set -e
 . docs/lab/seeds_985.sh
 for seed in $SEEDS; do
   run=runs/lab-sweep-985-${T}decay-seed$seed-fine
-  nice -n 19 scalelab sweep --config docs/lab/mnist1d_sweep.toml --target-acc 0.985 \
-    --horizons 0.75,1.25,1.5,2.5,3,5 --budget-steps 1 --eval-examples 1024 --batch 64..512 \
+  nice -n 19 scalelab sweep $DECAY_SWEEP --horizons 0.75,1.25,1.5,2.5,3,5 --batch 64..512 \
     --optimizers sgd,kfac --lr-guess kfac=$KFAC_GUESS --lr-guess sgd=$SGD_GUESS --set train.seed=$seed \
-    --set recipe.schedule=cosine ${TEST:+--set data.n_test=$TEST} --lr-mults 0.5,1,2 --extend 1 \
-    --warmup-epochs 0.25 --jobs 2 --out $run < /dev/null
+    --out $run < /dev/null
   mkdir -p $DECAY_DIR/seed$seed-fine
   (cd $run && cp best.csv sweep.csv sweep.json sweep_spec.json ../../$DECAY_DIR/seed$seed-fine/)
 done
