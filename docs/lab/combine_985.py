@@ -102,7 +102,8 @@ def mean_curves(batches, curves: list[dict]) -> dict:
 def spread(batches, curves: list[dict]) -> dict:
     """Per optimizer and batch, how much the seeds scatter: the seeds that reached the target, the mean of their
     steps (the mean over seeds is None where any seed missed), the largest over the smallest of them, and the
-    coefficient of variation (sample standard deviation over the mean; None with fewer than two seeds). This, against the tolerance of the knee (1.25), says whether one seed's knee means much."""
+    coefficient of variation (sample standard deviation over the mean; None with fewer than two seeds). This,
+    against the tolerance of the knee (1.25), says whether one seed's knee means much."""
     import statistics
 
     out: dict = {}
