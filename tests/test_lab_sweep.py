@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -100,16 +101,105 @@ def test_horizons_are_cells_with_their_own_budget_and_schedule_length():
     assert s.cells() == [("sgd", 64, 1.0, 1), ("sgd", 64, 1.0, 8), ("sgd", 2048, 1.0, 1), ("sgd", 2048, 1.0, 8)]
     assert s.budget(64, 45000, 1) == 703 and s.budget(64, 45000, 8) == 5624     # the horizon in steps ...
     assert s.budget(2048, 45000, 8) == 168 and s.budget(2048, 45000, 1) == 100  # ... at least budget_steps
-    assert not s.prunable                         # a decaying LR: stopping early would change the trial
     t = Trial("sgd", 2048, 1.0, 1.0, 0.4, horizon=8)
     assert t.id == "sgd-b2048-w1-h8-x1" and Trial("sgd", 2048, 1.0, 1.0, 0.4).id == "sgd-b2048-w1-x1"
     cfg = trial_config(s, t, None, s.budget(2048, 45000, 8))
-    assert cfg["train"]["epochs"] == 8 and cfg["train"]["max_steps"] == 168
+    assert cfg["train"]["epochs"] == 8 and cfg["train"]["max_steps"] == cfg["train"]["schedule_steps"] == 168
+    cfg = trial_config(s, t, 50, s.budget(2048, 45000, 8))   # pruned at 50 steps: the schedule stays 168 long
+    assert cfg["train"]["max_steps"] == 50 and cfg["train"]["schedule_steps"] == 168
     constant = load_config(None, ["recipe.schedule=constant"]).to_dict()
     with pytest.raises(ConfigError, match="decaying LR"):
         spec(base=constant, horizons=[1, 2])      # a constant LR: a longer budget only adds steps
     with pytest.raises(ConfigError, match="> 0 and distinct"):
         spec(base=cosine, horizons=[1, 1])
+
+
+def test_a_pruned_trial_is_the_full_trial_cut_short(tmp_path):
+    """``train.schedule_steps``: a run stopped part-way through its LR schedule has the parameters the full run
+    had at that step (checked against the full run's checkpoint), and a run whose schedule ends there has not."""
+    from scalelab.checkpoint import checkpoint_path, load_checkpoint
+    from scalelab.config import load_config
+    from scalelab.data import load_dataset
+    from scalelab.models import build_model
+    from scalelab.train import params_sha256, train
+
+    common = ["data.name=digits", "model.name=mlp", "model.width=32", "recipe.schedule=cosine",
+              "recipe.warmup_epochs=0", "recipe.base_lr=0.2", "train.batch_size=64", "train.threads=1",
+              "train.progress=false", "train.eval_every=4"]
+    cfg = load_config(None, common + ["train.max_steps=20", "train.checkpoint_every=8"])
+    data = load_dataset(cfg.data)
+    train(cfg, tmp_path / "full", data=data)
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    model.load_state_dict(load_checkpoint(checkpoint_path(tmp_path / "full" / "checkpoints", 8))["model"])
+    cut = train(load_config(None, common + ["train.schedule_steps=20", "train.max_steps=8"]), data=data)
+    short = train(load_config(None, common + ["train.max_steps=8"]), data=data)
+    assert cut["steps"] == short["steps"] == 8
+    assert cut["params_sha256"] == params_sha256(model)          # the full run's trajectory, cut at step 8
+    assert short["params_sha256"] != cut["params_sha256"]         # an 8-step cosine decays faster
+
+
+def test_quasi_random_trials_cover_the_ranges_and_are_the_same_in_every_cell():
+    from scalelab.config import load_config
+    from scalelab.errors import ConfigError
+    from scalelab.lab.sweep import cell_of, next_trials
+
+    cosine = load_config(None, ["recipe.schedule=cosine"]).to_dict()
+    constant = load_config(None, ["recipe.schedule=constant"]).to_dict()
+    s = spec(base=cosine, batches=[64, 256], search="quasi-random", trials=8, lr_range=[0.25, 4],
+             horizon_range=[0.5, 8])
+    assert s.cells() == [("sgd", 64, 1.0, None), ("sgd", 256, 1.0, None)]
+    a, b = (s.quasi_trials(c) for c in s.cells())
+    assert [t.id for t in a] == [f"sgd-b64-w1-q{i}" for i in range(8)] and a == s.quasi_trials(s.cells()[0])
+    assert [(t.mult, t.horizon) for t in a] == [(t.mult, t.horizon) for t in b]   # the same points per cell
+    assert all(0.25 <= t.mult <= 4 and 0.5 <= t.horizon <= 8 for t in a)
+    assert all(t.lr == pytest.approx(0.1 * 64 / 32 * t.mult, rel=1e-12) for t in a)  # guess(B) x multiplier
+    # log-uniform and low-discrepancy: each quarter of the log range of each value holds 2 of the 8 points
+    for vals, (lo, hi) in (([t.mult for t in a], (0.25, 4)), ([t.horizon for t in a], (0.5, 8))):
+        quarters = [int(4 * math.log(v / lo) / math.log(hi / lo)) for v in vals]
+        assert sorted(quarters) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert cell_of({"optimizer": "sgd", "batch": 64, "warmup": 1.0, "horizon": 3.7, "index": 2}) == s.cells()[0]
+    done = [{"id": a[0].id}, {"id": a[2].id}]
+    assert [t.index for t in next_trials(s, s.cells()[0], done, [a[1]])] == [3, 4, 5, 6, 7]
+    assert spec(search="quasi-random", trials=3).quasi_trials(("sgd", 32, 1.0, None))[0].horizon is None
+    for kw, msg in ((dict(search="random"), "allowed: grid, quasi-random"),
+                    (dict(search="quasi-random", lr_range=[2, 1]), "0 < LO <= HI"),
+                    (dict(search="quasi-random", trials=0), "--trials"),
+                    (dict(search="quasi-random", lr_range=[1, 1]), "every trial would be the same"),
+                    (dict(base=constant, search="quasi-random", horizon_range=[1, 2]), "decaying LR"),
+                    (dict(base=cosine, horizon_range=[1, 2]), "--search quasi-random"),
+                    (dict(base=cosine, search="quasi-random", horizons=[1, 2]), "--horizon-range")):
+        with pytest.raises(ConfigError, match=msg):
+            spec(**kw)
+
+
+def test_quasi_random_sweep_over_lr_and_horizon_runs_and_resumes(tmp_path):
+    from scalelab.cli import main
+
+    out = tmp_path / "sweep"
+    args = ["sweep", "--set", "data.name=digits", "--set", "model.name=mlp", "--set", "model.width=32",
+            "--set", "recipe.schedule=cosine", "--set", "recipe.warmup_epochs=0", "--batch", "64",
+            "--target-acc", "0.8", "--lr-guess", "sgd=0.1@64", "--search", "quasi-random", "--trials", "4",
+            "--lr-range", "0.5,2", "--horizon-range", "1,4", "--eval-examples", "128", "--jobs", "1",
+            "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    rows = list(csv.DictReader((out / "sweep.csv").read_text().splitlines()))
+    assert len(rows) == 4 and len({r["horizon"] for r in rows}) == 4
+    first = min(rows, key=lambda r: r["id"])                         # q0 runs first, with no cap
+    assert first["id"] == "sgd-b64-w0-q0" and first["status"] != "pruned"
+    reached = [r for r in rows if r["status"] == "reached"]
+    assert reached, rows
+    fastest = min(int(r["steps_to_target"]) for r in reached)
+    # later trials are stopped at the best so far, across horizons, and never beat it afterwards
+    assert all(r["status"] in ("reached", "pruned", "missed") for r in rows)
+    pruned = [r for r in rows if r["status"] == "pruned"]
+    assert pruned and all(int(r["steps"]) == int(r["cap"]) < int(r["budget"]) for r in pruned)
+    assert all(int(r["cap"]) >= fastest for r in pruned)
+    best = list(csv.DictReader((out / "best.csv").read_text().splitlines()))
+    assert int(best[0]["steps_to_target"]) == fastest
+    assert sum(r["best"] == "True" for r in rows) == 1
+    before = _files(out)
+    assert main(args) == 0 and _files(out) == before                 # resumed: nothing to run again
+    assert main([a if a != "1,4" else "1,8" for a in args]) == 2     # another range: refused
 
 
 def test_sweep_over_horizons_takes_the_best_and_resumes(tmp_path):

@@ -10,13 +10,20 @@
 #   DECAY=yes ...   the decayed-LR sweeps instead (docs/lab/sweep_985_decay.sh: momentum SGD and K-FAC, best over
 #                   the horizons) -> docs/lab/results/sweep-985-[test10000-]decay/combined-N-seeds
 #   DECAY=fine ...  and the horizons between (docs/lab/sweep_985_decay_fine.sh) -> ...combined-N-seeds-fine
+#   DECAY=quasi ... the quasi-random search over LR and horizon (docs/lab/sweep_985_quasi.sh)
+#                   -> docs/lab/results/sweep-985-[test10000-]quasi/combined-N-seeds
 set -e
-case "${DECAY:-no}" in yes|fine|no) ;; *) echo "$0: DECAY=$DECAY is not one of: yes, fine, no" >&2; exit 2 ;; esac
+case "${DECAY:-no}" in yes|fine|quasi|no) ;;
+  *) echo "$0: DECAY=$DECAY is not one of: yes, fine, quasi, no" >&2; exit 2 ;; esac
 case "${FRESH:-yes}" in yes) suffix="" ;; no) suffix=-sgd-kfac ;;
   *) echo "$0: FRESH=$FRESH is not one of: yes, no" >&2; exit 2 ;; esac
 case "${LOW:-yes}" in yes|no) ;; *) echo "$0: LOW=$LOW is not one of: yes, no" >&2; exit 2 ;; esac
 . docs/lab/seeds_985.sh
 args="" n=0
+if [ "${DECAY:-no}" = quasi ]; then
+  for s in $SEEDS; do args="$args --seed $s=$QUASI_DIR/seed$s" n=$((n + 1)); done
+  exec python docs/lab/combine_985.py $QUASI_DIR/combined-$n-seeds $args
+fi
 if [ "${DECAY:-no}" != no ]; then
   fine=$([ "$DECAY" = fine ] && echo -fine || true)
   for s in $SEEDS; do args="$args --seed $s=$(decay_dirs $s $fine)" n=$((n + 1)); done

@@ -21,4 +21,5 @@ DECAY_DIR=$R/sweep-985-${T}decay  # docs/lab/sweep_985_decay.sh: seedS-eE, one s
 # --warmup-epochs replaces these): cosine to zero over the trial's budget, which is its horizon
 DECAY_SWEEP="--config docs/lab/mnist1d_sweep.toml --target-acc 0.985 --set recipe.schedule=cosine --budget-steps 1
   --eval-examples 1024 --lr-mults 0.5,1,2 --extend 1 --warmup-epochs 0.25 --jobs 2 ${TEST:+--set data.n_test=$TEST}"
+QUASI_DIR=$R/sweep-985-${T}quasi  # docs/lab/sweep_985_quasi.sh: seedS, the quasi-random search over LR and horizon
 decay_dirs() { d=$DECAY_DIR/seed$1; echo "$d-e1,$d-e2,$d-e4,$d-e8,$d-e16${2:+,$d-fine}"; }  # 2nd arg: with -fine

@@ -3,8 +3,9 @@
 # (--budget-epochs E, --budget-steps 1: the budget is the horizon), E = 1, 2, 4, 8, each a sweep of momentum SGD and
 # K-FAC over batch 64..2048 with the LR grids of docs/lab/sweep_985_seeds.sh, and E = 16 for momentum SGD at 2048
 # alone (8 epochs there are 168 steps, fewer than its constant-LR trials needed); a cell's value is its best over
-# the horizons. Trials cannot be pruned (the LR depends on the run's length), so every trial runs to the target or
-# its horizon. (`scalelab sweep --horizons 1,2,4,8` now searches the horizons in one sweep; this script, one sweep
+# the horizons. When these ran, a decayed trial could not be pruned and ran to the target or its horizon; now it is
+# stopped at its cell's best so far with its schedule's length kept (train.schedule_steps), which leaves every
+# cell's best as it was and marks such trials pruned instead of reached or missed. (`scalelab sweep --horizons 1,2,4,8` now searches the horizons in one sweep; this script, one sweep
 # per horizon, is what produced the published results and replays them.)
 #
 #   SEEDS="0" docs/lab/sweep_985_decay.sh      -> docs/lab/results/sweep-985-decay/seedS-eE

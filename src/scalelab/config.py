@@ -117,6 +117,9 @@ class TrainConfig:
                                        "larger shares accumulate gradients; 0 = no limit")
     epochs: float = _f(10.0, lo=0.0, lo_open=True)
     max_steps: int = _f(0, lo=0, doc="stop after this many steps; 0 = from epochs")
+    schedule_steps: int = _f(0, lo=0, doc="the LR schedule's length in steps; 0 = the run's (max_steps, else "
+                                          "epochs). With max_steps below it, a run stops part-way through its "
+                                          "schedule, on the same trajectory as the full run")
     target_acc: float = _f(0.0, lo=0.0, hi=1.0, doc="stop at this test accuracy; 0 = train to the end")
     eval_every: int = _f(0, lo=0, doc="evaluate every N steps; 0 = every epoch")
     log_every: int = _f(20, lo=1, doc="log training metrics every N steps")

@@ -293,7 +293,7 @@ class Trainer:
         # the LR schedule's length in steps of the base batch; kept in epochs across sessions, since a
         # keep_worker resize changes the base batch
         if not c.schedule_epochs:
-            c.schedule_epochs = (t.max_steps or max(1, math.ceil(t.epochs * spe))) / spe
+            c.schedule_epochs = (t.schedule_steps or t.max_steps or max(1, math.ceil(t.epochs * spe))) / spe
         total_ref = max(1, round(c.schedule_epochs * spe))
         total = plan.count_steps(c.epoch, c.epoch_pos, total_ref, t.max_steps, done=c.step)
         eval_every, ckpt_every = t.eval_every, t.checkpoint_every  # 0: at the end of every epoch

@@ -3,6 +3,7 @@
     scalelab sweep --config BASE.toml --batch 32..8192 --target-acc 0.98 --optimizers sgd,lars,lamb \\
                    [--lr-guess sgd=0.05@32:linear ...] [--lr-mults 0.5,1,2] [--budget-epochs 30] \\
                    [--budget-steps 400] [--warmup-epochs 1] [--jobs 2] [--out DIR]
+                   [--search quasi-random --trials 16 --lr-range 0.25,4 [--horizon-range 0.5,8]]
 
 The measurement follows Shallue et al. 2018, "Measuring the Effects of Data Parallelism on Neural Network
 Training" (arXiv 1811.03600): for every batch size B and optimizer, train to a fixed test-accuracy goal with each
@@ -10,13 +11,14 @@ learning rate of a search space, and take the fewest steps any of them needed. S
 shows perfect scaling (steps halve when B doubles), diminishing returns and the end of useful parallelism; the
 knee (:mod:`scalelab.lab.knee`) is where perfect scaling ends.
 
-The search, per cell (optimizer, batch, warmup, horizon):
+The grid search (the default), per cell (optimizer, batch, warmup, horizon):
 
 * The LRs are ``guess(B) * m`` for each multiplier ``m`` of ``--lr-mults``, with ``guess(B)`` from the
   optimizer's ``--lr-guess LR@BATCH:RULE`` scaled to B by the rule (``linear``, ``sqrt`` or ``none``).
-* The middle multiplier runs first. The other points run after it; with a constant LR after warm-up (the
-  default here) they are stopped at the best step count the cell has so far (``pruned``): a trial that has not
-  reached the target by then cannot be the fastest, so stopping it does not change the minimum.
+* The middle multiplier runs first. The other points run after it, and are stopped at the best step count the
+  cell has so far (``pruned``): a trial that has not reached the target by then cannot be the fastest, so
+  stopping it does not change the minimum. (The stop leaves the trial's LR schedule as long as its budget,
+  ``train.schedule_steps``, so a pruned trial is the full trial cut short, with a decaying LR too.)
 * When the fastest LR lies on the edge of the points tried, the search goes one factor further out, up to
   ``--extend`` times per side (Shallue et al. check that the best point is not on the edge of the search
   space); when every point diverged it goes lower; when none reached the target, towards the edge point with
@@ -32,8 +34,16 @@ records its ``budget`` and its ``cap`` (the steps it was allowed: the budget, or
 A decaying LR schedule (``recipe.schedule`` cosine, step, poly...) runs over the trial's budget, so the budget is
 also the schedule's length, which Shallue et al. tune as well: ``--horizons 1,2,4,8`` searches budgets of 1, 2,
 4 and 8 epochs (each at least ``--budget-steps``), each its own cell with its own LR search, and the best per
-(optimizer, batch) is taken over them, as over the warm-ups. Such trials cannot be pruned (stopping one early
-would change its LR), so each runs to the target or to its horizon.
+(optimizer, batch) is taken over them, as over the warm-ups.
+
+The quasi-random search (``--search quasi-random``), the search Shallue et al. used: per cell (optimizer, batch,
+warmup), ``--trials`` points of a scrambled Sobol sequence (the same points in every cell), each an LR
+multiplier drawn log-uniformly from ``--lr-range LO,HI`` (times ``guess(B)``) and, with ``--horizon-range
+LO,HI`` and a decaying LR, a horizon in epochs drawn log-uniformly too. It does not adapt to the results, but
+it covers the ranges without a grid's gaps: with a decaying LR a run crosses the target late in its horizon, so
+on a grid of horizons a cell's steps move with the grid. Every trial is stopped at its cell's best so far when
+it starts, across horizons (a shorter or longer schedule that has not reached the target by then cannot be the
+fastest either).
 
 Every trial is a separate worker process (``train.threads=1``, no run directory), up to ``--jobs`` at a time
 (``--jobs 1`` runs them in the sweep's own process).
@@ -69,10 +79,12 @@ from typing import Any
 
 from scalelab.errors import ConfigError, DivergenceError
 
-__all__ = ["LRGuess", "SweepSpec", "Trial", "best_of", "next_mults", "run_sweep", "summarize"]
+__all__ = ["LRGuess", "SweepSpec", "Trial", "best_of", "cell_of", "next_mults", "next_trials", "run_sweep",
+           "summarize"]
 
 RULES = ("linear", "sqrt", "none")
 FAILED = ("diverged", "missed", "pruned", "error")
+SEARCHES = ("grid", "quasi-random")
 
 
 # ---- the specification -----------------------------------------------------------------------------------------
@@ -126,6 +138,11 @@ class SweepSpec:
         eval_examples: evaluate every ``max(1, round(eval_examples / B))`` steps (the steps resolution).
         extend: how many extra LR points the search may add beyond each edge of the grid.
         tol: the knee tolerance (see :mod:`scalelab.lab.knee`).
+        search: ``grid`` (``lr_mults``, extended at the edges) or ``quasi-random``.
+        trials: quasi-random: trials per (optimizer, batch, warm-up) cell.
+        lr_range: quasi-random: the LR multipliers' range ``[lo, hi]`` (log-uniform; lo = hi: that one LR).
+        horizon_range: quasi-random with a decaying LR: the horizons' range in epochs ``[lo, hi]`` (log-uniform);
+            empty: every trial's budget is ``budget_epochs``.
     """
 
     base: dict[str, Any]
@@ -142,6 +159,10 @@ class SweepSpec:
     eval_examples: int = 2048
     extend: int = 2
     tol: float = 1.25
+    search: str = "grid"
+    trials: int = 16
+    lr_range: list[float] = field(default_factory=lambda: [0.25, 4.0])
+    horizon_range: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.batches or not self.optimizers or not self.lr_mults or not self.warmups:
@@ -156,9 +177,29 @@ class SweepSpec:
                               "--tol >= 1")
         if self.horizons and (any(h <= 0 for h in self.horizons) or len(set(self.horizons)) < len(self.horizons)):
             raise ConfigError(f"--horizons {','.join(f'{h:g}' for h in self.horizons)}: must be > 0 and distinct")
-        if self.horizons and self.base["recipe"]["schedule"] == "constant":
-            raise ConfigError("--horizons needs a decaying LR (--set recipe.schedule=cosine, step, poly...); with "
-                              "recipe.schedule=constant a longer budget only adds steps")
+        decaying = self.base["recipe"]["schedule"] != "constant"
+        for flag, value in (("--horizons", self.horizons), ("--horizon-range", self.horizon_range)):
+            if value and not decaying:
+                raise ConfigError(f"{flag} needs a decaying LR (--set recipe.schedule=cosine, step, poly...); with "
+                                  "recipe.schedule=constant a longer budget only adds steps")
+        if self.search not in SEARCHES:
+            raise ConfigError(f"--search {self.search!r}: allowed: {', '.join(SEARCHES)}")
+        if self.search == "grid" and self.horizon_range:
+            raise ConfigError("--horizon-range is a range for --search quasi-random; the grid search takes "
+                              "--horizons E1,E2,...")
+        if self.search == "quasi-random":
+            if self.horizons:
+                raise ConfigError("--horizons is the grid search's; with --search quasi-random give "
+                                  "--horizon-range LO,HI")
+            for flag, pair in (("--lr-range", self.lr_range), ("--horizon-range", self.horizon_range)):
+                if pair and not (len(pair) == 2 and 0 < pair[0] <= pair[1]):
+                    raise ConfigError(f"{flag} {','.join(f'{v:g}' for v in pair)}: expected LO,HI with "
+                                      "0 < LO <= HI")
+            if self.trials < 1:
+                raise ConfigError(f"--trials {self.trials}: must be >= 1")
+            if self.lr_range[0] == self.lr_range[1] and not self.horizon_range:
+                raise ConfigError(f"--lr-range {self.lr_range[0]:g},{self.lr_range[1]:g} without --horizon-range: "
+                                  "every trial would be the same; give LO < HI")
         self.batches = sorted(set(self.batches))
         self.lr_mults = sorted(set(self.lr_mults))
 
@@ -167,6 +208,21 @@ class SweepSpec:
         horizon search, the budget is ``budget_epochs``)."""
         return [(o, b, w, h) for o in self.optimizers for b in self.batches for i, w in enumerate(self.warmups)
                 if i == 0 or b >= self.warmup_search_from for h in (self.horizons or [None])]
+
+    def quasi_trials(self, cell: tuple[str, int, float, float | None]) -> list["Trial"]:
+        """The quasi-random search's trials of ``cell``: the first ``trials`` points of a scrambled Sobol
+        sequence (fixed seed, the same in every cell) mapped log-uniformly to the LR and horizon ranges."""
+        import torch
+
+        opt, b, w, _ = cell
+        ranges = [self.lr_range] + ([self.horizon_range] if self.horizon_range else [])
+        u = torch.quasirandom.SobolEngine(len(ranges), scramble=True, seed=0).draw(self.trials, dtype=torch.float64)
+        out = []
+        for i, row in enumerate(u.tolist()):
+            vals = [float(f"{lo * (hi / lo) ** x:.4g}") for (lo, hi), x in zip(ranges, row)]
+            m, h = vals[0], (vals[1] if self.horizon_range else None)
+            out.append(Trial(opt, b, w, m, self.guess(opt).at(b) * m, h, index=i))
+        return out
 
     def guess(self, opt: str) -> LRGuess:
         return LRGuess(**self.guesses[opt])
@@ -181,12 +237,6 @@ class SweepSpec:
     def eval_every(self, batch: int) -> int:
         return max(1, round(self.eval_examples / batch))
 
-    @property
-    def prunable(self) -> bool:
-        """Stopping a trial early only leaves its trajectory unchanged when the LR does not depend on the
-        run length, i.e. a constant LR after warm-up."""
-        return self.base["recipe"]["schedule"] == "constant"
-
 
 @dataclass(frozen=True)
 class Trial:
@@ -196,20 +246,29 @@ class Trial:
     mult: float
     lr: float
     horizon: float | None = None
+    index: int | None = None  # the quasi-random search's point number (None: a grid trial)
 
     @property
     def id(self) -> str:
+        if self.index is not None:
+            return f"{self.optimizer}-b{self.batch}-w{self.warmup:g}-q{self.index}"
         h = "" if self.horizon is None else f"-h{self.horizon:g}"
         return f"{self.optimizer}-b{self.batch}-w{self.warmup:g}{h}-x{self.mult:g}"
 
     @property
     def cell(self) -> tuple[str, int, float, float | None]:
-        return self.optimizer, self.batch, self.warmup, self.horizon
+        return cell_of(asdict(self))
+
+
+def cell_of(r: dict[str, Any]) -> tuple[str, int, float, float | None]:
+    """The search cell of a trial (or its result): a grid trial's horizon is part of its cell, a quasi-random
+    trial's is one of its searched values."""
+    return r["optimizer"], r["batch"], r["warmup"], None if r.get("index") is not None else r.get("horizon")
 
 
 def trial_config(spec: SweepSpec, trial: Trial, cap: int | None, budget: int) -> dict[str, Any]:
-    """The full config dict of one trial (the base with the trial's fields set): it runs ``budget`` steps, or
-    ``cap`` (the pruning limit) if that is fewer."""
+    """The full config dict of one trial (the base with the trial's fields set): an LR schedule of ``budget``
+    steps, run to its end or stopped at ``cap`` (the pruning limit) if that is fewer."""
     from scalelab.config import from_dict
 
     d = json.loads(json.dumps(spec.base))
@@ -219,7 +278,8 @@ def trial_config(spec: SweepSpec, trial: Trial, cap: int | None, budget: int) ->
         d["recipe"]["nesterov"] = False
     epochs = spec.budget_epochs if trial.horizon is None else trial.horizon
     d["train"].update(batch_size=trial.batch, target_acc=spec.target_acc, epochs=epochs,
-                      max_steps=min(cap, budget) if cap else budget, eval_every=spec.eval_every(trial.batch),
+                      max_steps=min(cap, budget) if cap else budget, schedule_steps=budget,
+                      eval_every=spec.eval_every(trial.batch),
                       threads=1, progress=False, name=trial.id)
     from_dict(d)  # validate here, in the parent, so a bad combination fails before any process starts
     return d
@@ -374,6 +434,18 @@ def next_mults(spec: SweepSpec, done: list[dict[str, Any]], running: set[float],
     return out
 
 
+def next_trials(spec: SweepSpec, cell: tuple[str, int, float, float | None], done: list[dict[str, Any]],
+                running: list[Trial], chance: float = 0.0) -> list[Trial]:
+    """The trials ``cell`` should run next, given its finished trials and those still running: the grid
+    search's next LR multipliers (:func:`next_mults`), or the quasi-random points not yet run."""
+    if spec.search == "quasi-random":
+        taken = {r["id"] for r in done} | {t.id for t in running}
+        return [t for t in spec.quasi_trials(cell) if t.id not in taken]
+    opt, b, w, h = cell
+    return [Trial(opt, b, w, m, spec.guess(opt).at(b) * m, h)
+            for m in next_mults(spec, done, {t.mult for t in running}, chance)]
+
+
 def load_trials(out: Path) -> dict[str, dict[str, Any]]:
     """Finished trials in ``out/trials`` by id (a torn or unreadable file is ignored and its trial re-run)."""
     found = {}
@@ -434,11 +506,11 @@ def run_sweep(spec: SweepSpec, out: str | Path, jobs: int = 0, progress: bool = 
     cells = spec.cells()
     by_cell: dict[tuple, list[dict]] = {c: [] for c in cells}
     for r in done.values():
-        key = (r["optimizer"], r["batch"], r["warmup"], r.get("horizon"))
-        if key in by_cell:
-            by_cell[key].append(r)
+        if cell_of(r) in by_cell:
+            by_cell[cell_of(r)].append(r)
     resumed = len(done)
-    bar = tqdm(total=len(cells) * len(spec.lr_mults), initial=resumed, desc="sweep", unit="trial",
+    per_cell = spec.trials if spec.search == "quasi-random" else len(spec.lr_mults)
+    bar = tqdm(total=len(cells) * per_cell, initial=resumed, desc="sweep", unit="trial",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     running: dict[cf.Future, Trial] = {}
     t_start = time.perf_counter()
@@ -449,20 +521,17 @@ def run_sweep(spec: SweepSpec, out: str | Path, jobs: int = 0, progress: bool = 
         while True:
             ready = []
             for cell in cells:
-                opt, b, w, h = cell
-                busy = {t.mult for t in running.values() if t.cell == cell}
-                for m in next_mults(spec, by_cell[cell], busy, chance):
-                    t = Trial(opt, b, w, m, spec.guess(opt).at(b) * m, h)
-                    if t.id in done:  # resumed: its result is already in by_cell
-                        continue
-                    ready.append(t)
-            # longest trials first (large batch), centre points before the rest (they set the pruning cap)
-            ready.sort(key=lambda t: (-t.batch, t.mult != 1.0))
+                busy = [t for t in running.values() if t.cell == cell]
+                # resumed trials are skipped: their results are already in by_cell
+                ready += [t for t in next_trials(spec, cell, by_cell[cell], busy, chance) if t.id not in done]
+            # longest trials first (large batch), a grid's centre points before the rest (they set the pruning
+            # cap); a quasi-random cell's in the sequence's order
+            ready.sort(key=lambda t: (-t.batch, t.mult != 1.0 and t.index is None))
             bar.total = max(bar.total, len(done) + len(running) + len(ready))
             while ready and len(running) < jobs:
                 t = ready.pop(0)
                 best = best_of(by_cell[t.cell])
-                cap = best["steps_to_target"] if best is not None and spec.prunable else None
+                cap = best["steps_to_target"] if best is not None else None
                 budget = spec.budget(t.batch, n_train, t.horizon)
                 running[ex.submit(run_trial, t, trial_config(spec, t, cap, budget), cap, budget, str(out))] = t
             if not running:
@@ -663,6 +732,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "is max(budget-epochs in steps, budget-steps), so large batches get steps enough (default 0)")
     p.add_argument("--horizons", default=None, metavar="E1,E2,...", help="with a decaying recipe.schedule: "
                    "budgets in epochs to search (each the LR schedule's length), instead of --budget-epochs")
+    p.add_argument("--search", default="grid", choices=SEARCHES, help="grid: --lr-mults, extended at the edges "
+                   "(default); quasi-random: --trials points in --lr-range (and --horizon-range), Shallue et al.")
+    p.add_argument("--trials", type=int, default=16, help="quasi-random: trials per optimizer, batch and warm-up "
+                   "(default 16)")
+    p.add_argument("--lr-range", default="0.25,4", metavar="LO,HI", help="quasi-random: range of the multipliers "
+                   "of the LR guess, log-uniform (default 0.25,4)")
+    p.add_argument("--horizon-range", default=None, metavar="LO,HI", help="quasi-random with a decaying "
+                   "recipe.schedule: range of the horizons in epochs, log-uniform (each the LR schedule's length)")
     p.add_argument("--eval-examples", type=int, default=2048, help="evaluate every max(1, round(this / B)) "
                    "steps (default 2048)")
     p.add_argument("--tol", type=float, default=1.25, help="knee tolerance over perfect scaling (default 1.25)")
@@ -700,7 +777,9 @@ def spec_from_args(args) -> SweepSpec:
                      warmup_search_from=args.warmup_search_from, budget_epochs=args.budget_epochs,
                      budget_steps=args.budget_steps, eval_examples=args.eval_examples, extend=args.extend,
                      horizons=_floats(args.horizons, "--horizons") if args.horizons else [],
-                     tol=args.tol)
+                     tol=args.tol, search=args.search, trials=args.trials,
+                     lr_range=_floats(args.lr_range, "--lr-range"),
+                     horizon_range=_floats(args.horizon_range, "--horizon-range") if args.horizon_range else [])
 
 
 def run(args) -> int:

@@ -66,10 +66,10 @@ class _LocalSGD(RunBase):
         check_layout(cfg, world)
         resume_state = self.trainer._prepare_out()
         B = t.batch_size
-        spe, total = self.load(B)
+        spe, total, sched_total = self.load(B)
         lo, hi = rank * len(self.x_test_all) // world, (rank + 1) * len(self.x_test_all) // world
         x_test, y_test = self.x_test_all[lo:hi], self.y_test_all[lo:hi]
-        model, opt, sched, c = self.build(B, spe, total, resume_state)
+        model, opt, sched, c = self.build(B, spe, sched_total, resume_state)
         rt.wrap(model, cfg, ddp=False)  # every worker starts from rank 0's state
         eval_model = copy.deepcopy(model)
         params = list(model.parameters())

@@ -82,7 +82,8 @@ class RunBase:
         self.trainer._log(msg)
 
     def load(self, read_per_step: int):
-        """Data on the device; returns (steps per epoch of ``read_per_step`` samples, total steps of B)."""
+        """Data on the device; returns (steps per epoch of ``read_per_step`` samples, total steps of B, the LR
+        schedule's length in steps of B)."""
         cfg, t = self.cfg, self.cfg.train
         data = self.trainer._data or load_dataset(cfg.data)
         self.data = data
@@ -91,10 +92,11 @@ class RunBase:
         self.x_test_all, self.y_test_all = data.x_test.to(self.rt.device, dtype), data.y_test.to(self.rt.device)
         spe = steps_per_epoch(len(self.x_train), read_per_step)
         total = t.max_steps or max(1, math.ceil(t.epochs * spe))
-        return spe, total
+        return spe, total, t.schedule_steps or total
 
     def build(self, update_batch: int, spe: int, total: int, resume_state=None):
-        """Model, optimizer and schedule for updates of ``update_batch`` samples; counters from a checkpoint."""
+        """Model, optimizer and an LR schedule of ``total`` updates of ``update_batch`` samples; counters from a
+        checkpoint."""
         from scalelab.train import Counters
 
         cfg = self.cfg

@@ -178,12 +178,12 @@ class ParameterServer(RunBase):
         self.bound = cfg.parallel.staleness_bound if self.mode == "ssp" else None
 
         resume_state = trainer._prepare_out()
-        spe_sync, total_sync = self.load(g.B)
+        spe_sync, total_sync, sched_sync = self.load(g.B)
         self.spe, self.T = spe_sync * g.clients, total_sync * g.clients  # in server updates
         t = cfg.train
         self.eval_u = (t.eval_every or spe_sync) * g.clients
         self.ckpt_u = (t.checkpoint_every or spe_sync) * g.clients
-        self.build(g.update_batch, self.spe, self.T, resume_state)
+        self.build(g.update_batch, self.spe, sched_sync * g.clients, resume_state)
         self.layout = Layout(self.model, g.S)
         self.n = self.layout.size(self.s)
         self.version = self.c.step
@@ -586,7 +586,7 @@ def worker_loop(trainer, rt: Runtime, gen: int, formation=None) -> None:
     store = rt.store
     base = RunBase.__new__(RunBase)  # only for data loading
     base.trainer, base.cfg, base.rt = trainer, cfg, rt
-    spe, _ = base.load(g.B)
+    spe, _, _ = base.load(g.B)
     torch.manual_seed(t.seed)
     from scalelab.models import build_model
 
