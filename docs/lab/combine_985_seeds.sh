@@ -12,17 +12,26 @@
 #   DECAY=fine ...  and the horizons between (docs/lab/sweep_985_decay_fine.sh) -> ...combined-N-seeds-fine
 #   DECAY=quasi ... the quasi-random search over LR and horizon (docs/lab/sweep_985_quasi.sh)
 #                   -> docs/lab/results/sweep-985-[test10000-]quasi/combined-N-seeds
+#   DECAY=all ...   every decayed-LR search of each seed (the horizon grid, the horizons between where they were
+#                   run, the quasi-random search), best over all -> .../sweep-985-[test10000-]quasi/combined-N-seeds-all
 set -e
-case "${DECAY:-no}" in yes|fine|quasi|no) ;;
-  *) echo "$0: DECAY=$DECAY is not one of: yes, fine, quasi, no" >&2; exit 2 ;; esac
+case "${DECAY:-no}" in yes|fine|quasi|all|no) ;;
+  *) echo "$0: DECAY=$DECAY is not one of: yes, fine, quasi, all, no" >&2; exit 2 ;; esac
 case "${FRESH:-yes}" in yes) suffix="" ;; no) suffix=-sgd-kfac ;;
   *) echo "$0: FRESH=$FRESH is not one of: yes, no" >&2; exit 2 ;; esac
 case "${LOW:-yes}" in yes|no) ;; *) echo "$0: LOW=$LOW is not one of: yes, no" >&2; exit 2 ;; esac
 . docs/lab/seeds_985.sh
 args="" n=0
-if [ "${DECAY:-no}" = quasi ]; then
-  for s in $SEEDS; do args="$args --seed $s=$QUASI_DIR/seed$s" n=$((n + 1)); done
-  exec python docs/lab/combine_985.py $QUASI_DIR/combined-$n-seeds $args
+if [ "${DECAY:-no}" = quasi ] || [ "$DECAY" = all ]; then
+  for s in $SEEDS; do
+    dirs=$QUASI_DIR/seed$s
+    if [ "$DECAY" = all ]; then
+      fine=$([ -d $DECAY_DIR/seed$s-fine ] && echo -fine || true)
+      dirs="$(decay_dirs $s $fine),$dirs"
+    fi
+    args="$args --seed $s=$dirs" n=$((n + 1))
+  done
+  exec python docs/lab/combine_985.py $QUASI_DIR/combined-$n-seeds$([ "$DECAY" = all ] && echo -all || true) $args
 fi
 if [ "${DECAY:-no}" != no ]; then
   fine=$([ "$DECAY" = fine ] && echo -fine || true)

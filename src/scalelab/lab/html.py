@@ -68,17 +68,24 @@ def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool,
              .format(spec["target_acc"], spec["tol"]))
     guesses = ", ".join(f"{o}: {g['lr']:g} at batch {g['batch']} scaled {g['rule']}" for o, g in
                         spec["guesses"].items())
+    quasi = spec.get("search") == "quasi-random"
+    hr = spec.get("horizon_range") or []
+    search = (f"quasi-random search: {spec['trials']} points per cell of a scrambled Sobol sequence, LR guess x "
+              f"{spec['lr_range'][0]:g}-{spec['lr_range'][1]:g} (log-uniform)" if quasi else
+              f"LR grid: guess x {', '.join(f'{m:g}' for m in spec['lr_mults'])} (up to {spec['extend']} more "
+              "points beyond an edge that wins)")
     h.append("<ul>"
              f"<li>batches: {', '.join(map(str, batches))}</li>"
-             f"<li>LR grid: guess x {', '.join(f'{m:g}' for m in spec['lr_mults'])} (up to {spec['extend']} "
-             f"more points beyond an edge that wins); guesses: {html.escape(guesses)}</li>"
+             f"<li>{search}; guesses: {html.escape(guesses)}</li>"
              f"<li>warm-up epochs: {', '.join(f'{w:g}' for w in spec['warmups'])}"
              + (f" (the first at every batch, the others from batch {spec['warmup_search_from']} on)"
                 if spec.get("warmup_search_from") and len(spec["warmups"]) > 1 else "")
              + "; LR schedule after warm-up: "
              f"{_fmt(base['recipe']['schedule'])}; budget "
              + (f"searched over {', '.join(f'{e:g}' for e in spec['horizons'])} epochs (the LR schedule's length)"
-                if spec.get("horizons") else f"{spec['budget_epochs']:g} epochs")
+                if spec.get("horizons") else
+                f"drawn from {hr[0]:g}-{hr[1]:g} epochs, log-uniform (the LR schedule's length)" if quasi and hr
+                else f"{spec['budget_epochs']:g} epochs")
              + (f", at least {spec['budget_steps']} steps" if spec.get("budget_steps") else "")
              + f" (per batch: the budget column below); evaluation every "
              f"max(1, round({spec['eval_examples']}/B)) steps</li>"
