@@ -200,6 +200,7 @@ def test_quasi_random_sweep_over_lr_and_horizon_runs_and_resumes(tmp_path):
     before = _files(out)
     assert main(args) == 0 and _files(out) == before                 # resumed: nothing to run again
     assert main([a if a != "1,4" else "1,8" for a in args]) == 2     # another range: refused
+    assert main([a for a in args if a not in ("--search", "quasi-random")]) == 2   # --trials without the search
     assert main(["report", str(out)]) == 0                           # the report names the search it shows
     page = (out / "report.html").read_text()
     assert "quasi-random search: 4 points per cell" in page and "drawn from 1-4 epochs" in page

@@ -734,9 +734,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "budgets in epochs to search (each the LR schedule's length), instead of --budget-epochs")
     p.add_argument("--search", default="grid", choices=SEARCHES, help="grid: --lr-mults, extended at the edges "
                    "(default); quasi-random: --trials points in --lr-range (and --horizon-range), Shallue et al.")
-    p.add_argument("--trials", type=int, default=16, help="quasi-random: trials per optimizer, batch and warm-up "
-                   "(default 16)")
-    p.add_argument("--lr-range", default="0.25,4", metavar="LO,HI", help="quasi-random: range of the multipliers "
+    p.add_argument("--trials", type=int, default=None, help="quasi-random: trials per optimizer, batch and "
+                   "warm-up (default 16)")
+    p.add_argument("--lr-range", default=None, metavar="LO,HI", help="quasi-random: range of the multipliers "
                    "of the LR guess, log-uniform (default 0.25,4)")
     p.add_argument("--horizon-range", default=None, metavar="LO,HI", help="quasi-random with a decaying "
                    "recipe.schedule: range of the horizons in epochs, log-uniform (each the LR schedule's length)")
@@ -766,6 +766,10 @@ def spec_from_args(args) -> SweepSpec:
         if not eq or opt not in opts:
             raise ConfigError(f"--lr-guess {item!r}: expected OPT=LR@BATCH[:RULE] with OPT one of {', '.join(opts)}")
         guesses[opt] = LRGuess.parse(rest)
+    quasi_only = [f for f, v in (("--trials", args.trials), ("--lr-range", args.lr_range)) if v is not None]
+    if args.search == "grid" and quasi_only:
+        raise ConfigError(f"{' and '.join(quasi_only)}: only with --search quasi-random (the grid search takes "
+                          "--lr-mults)")
     warmups = _floats(args.warmup_epochs, "--warmup-epochs") if args.warmup_epochs else [cfg.recipe.warmup_epochs]
     if any(w < 0 for w in warmups) or len(set(warmups)) < len(warmups):
         raise ConfigError("--warmup-epochs must be >= 0 and distinct")
@@ -777,8 +781,8 @@ def spec_from_args(args) -> SweepSpec:
                      warmup_search_from=args.warmup_search_from, budget_epochs=args.budget_epochs,
                      budget_steps=args.budget_steps, eval_examples=args.eval_examples, extend=args.extend,
                      horizons=_floats(args.horizons, "--horizons") if args.horizons else [],
-                     tol=args.tol, search=args.search, trials=args.trials,
-                     lr_range=_floats(args.lr_range, "--lr-range"),
+                     tol=args.tol, search=args.search, trials=16 if args.trials is None else args.trials,
+                     lr_range=_floats(args.lr_range or "0.25,4", "--lr-range"),
                      horizon_range=_floats(args.horizon_range, "--horizon-range") if args.horizon_range else [])
 
 
