@@ -216,6 +216,21 @@ def test_local_sgd_with_h1_is_sync_data_parallel(tmp_path, cache_dir):
     _assert_same(_local_sgd_by_hand(cfg, workers=2, H=1, t0=0), sync)
 
 
+def test_runs_stopped_part_way_keep_their_schedule(cli, tmp_path, cache_dir):
+    """``train.schedule_steps``: a local-SGD run and an async (parameter-server) run stopped at step 10 of a
+    20-step cosine schedule have the parameters of the sequential 20-step run at its step 10."""
+    seq = _in_process(cache_dir, BASE, tmp_path / "seq")
+    cut = ["train.max_steps=10", "train.schedule_steps=20"]
+    local = _in_process(cache_dir, BASE + ["parallel.mode=localsgd", "parallel.local_period=1"] + cut,
+                        tmp_path / "local")
+    _assert_same(_params(local), _params(seq, 10))
+    out, *_ = _train(cli, tmp_path, 2, BASE + ["parallel.mode=async"] + cut)
+    assert _summary(out)["steps"] == 10
+    _assert_same(_params(out), _params(seq, 10), exact=True)
+    short = _in_process(cache_dir, BASE + ["train.max_steps=10"], tmp_path / "short")   # its own 10-step cosine
+    assert not torch.equal(next(iter(_params(short).values())), next(iter(_params(seq, 10).values())))
+
+
 def _local_sgd_by_hand(cfg, workers: int, H: int, t0: int) -> dict:
     """Post-local SGD as Lin et al. 2020 write it, on ``workers`` model copies in this process: every copy takes
     its B / N share of each global batch and steps with its own optimizer; for the first ``t0`` steps the

@@ -204,6 +204,7 @@ def test_quasi_random_sweep_over_lr_and_horizon_runs_and_resumes(tmp_path):
     assert main(["report", str(out)]) == 0                           # the report names the search it shows
     page = (out / "report.html").read_text()
     assert "quasi-random search: 4 points per cell" in page and "drawn from 1-4 epochs" in page
+    assert "<th>horizon</th>" in page                                # each trial's own horizon is shown
 
 
 def test_sweep_over_horizons_takes_the_best_and_resumes(tmp_path):

@@ -149,7 +149,8 @@ def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool,
 
     h.append("<h2>Every trial</h2><details><summary>show all {} trials</summary><table><tr>".format(
         len(summary["trials"])))
-    cols = ["optimizer", "batch", "warmup", *(["horizon"] if spec.get("horizons") else []), "mult", "lr", "status", "steps_to_target", "steps", "cap",
+    horizon = ["horizon"] if spec.get("horizons") or hr else []   # grid horizons, or drawn per trial
+    cols = ["optimizer", "batch", "warmup", *horizon, "mult", "lr", "status", "steps_to_target", "steps", "cap",
             "budget", "best_test_acc", "wall_s"]
     h += [f"<th>{c}</th>" for c in cols] + ["</tr>"]
     for r in summary["trials"]:

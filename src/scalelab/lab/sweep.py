@@ -65,6 +65,7 @@ import argparse
 import concurrent.futures as cf
 import contextlib
 import csv
+import functools
 import io
 import json
 import math
@@ -88,6 +89,15 @@ SEARCHES = ("grid", "quasi-random")
 
 
 # ---- the specification -----------------------------------------------------------------------------------------
+@functools.cache
+def _sobol(n: int, dims: int) -> tuple[tuple[float, ...], ...]:
+    """The first ``n`` points in [0, 1)^dims of a scrambled Sobol sequence with a fixed seed."""
+    import torch
+
+    u = torch.quasirandom.SobolEngine(dims, scramble=True, seed=0).draw(n, dtype=torch.float64)
+    return tuple(map(tuple, u.tolist()))
+
+
 @dataclass(frozen=True)
 class LRGuess:
     """An LR that works at one batch size, and the rule that carries it to other batch sizes."""
@@ -212,13 +222,10 @@ class SweepSpec:
     def quasi_trials(self, cell: tuple[str, int, float, float | None]) -> list["Trial"]:
         """The quasi-random search's trials of ``cell``: the first ``trials`` points of a scrambled Sobol
         sequence (fixed seed, the same in every cell) mapped log-uniformly to the LR and horizon ranges."""
-        import torch
-
         opt, b, w, _ = cell
         ranges = [self.lr_range] + ([self.horizon_range] if self.horizon_range else [])
-        u = torch.quasirandom.SobolEngine(len(ranges), scramble=True, seed=0).draw(self.trials, dtype=torch.float64)
         out = []
-        for i, row in enumerate(u.tolist()):
+        for i, row in enumerate(_sobol(self.trials, len(ranges))):
             vals = [float(f"{lo * (hi / lo) ** x:.4g}") for (lo, hi), x in zip(ranges, row)]
             m, h = vals[0], (vals[1] if self.horizon_range else None)
             out.append(Trial(opt, b, w, m, self.guess(opt).at(b) * m, h, index=i))
@@ -775,14 +782,17 @@ def spec_from_args(args) -> SweepSpec:
         raise ConfigError("--warmup-epochs must be >= 0 and distinct")
     if args.warmup_search_from < 0:
         raise ConfigError(f"--warmup-search-from {args.warmup_search_from}: must be >= 0")
+    # the quasi-random settings only when given: otherwise SweepSpec's defaults
+    quasi = {k: v for k, v in (("trials", args.trials),
+                               ("lr_range", args.lr_range and _floats(args.lr_range, "--lr-range")))
+             if v is not None}
     return SweepSpec(base=cfg.to_dict(), batches=parse_batches(args.batch), optimizers=opts,
                      target_acc=args.target_acc, guesses={o: asdict(g) for o, g in guesses.items()},
                      lr_mults=_floats(args.lr_mults, "--lr-mults"), warmups=warmups,
                      warmup_search_from=args.warmup_search_from, budget_epochs=args.budget_epochs,
                      budget_steps=args.budget_steps, eval_examples=args.eval_examples, extend=args.extend,
                      horizons=_floats(args.horizons, "--horizons") if args.horizons else [],
-                     tol=args.tol, search=args.search, trials=16 if args.trials is None else args.trials,
-                     lr_range=_floats(args.lr_range or "0.25,4", "--lr-range"),
+                     tol=args.tol, search=args.search, **quasi,
                      horizon_range=_floats(args.horizon_range, "--horizon-range") if args.horizon_range else [])
 
 
