@@ -102,12 +102,9 @@ def _cmd_train(args) -> int:
         print_summary(summary)
         print(f"run directory: {out}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Everything is written and the process group is destroyed. Leave without running C++ static
-        # destructors: with torch 2.13 + gloo they sometimes find a communication thread still joinable and
-        # abort ("terminate called without an active exception", SIGABRT) after a run that succeeded.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        from scalelab.parallel.runtime import exit_worker
+
+        exit_worker()  # everything is written; skip the static destructors that may abort under gloo
     return 0
 
 

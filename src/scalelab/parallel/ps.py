@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from scalelab.data import batch_indices, epoch_order
 from scalelab.errors import DivergenceError, ScalelabError
 from scalelab.parallel.modes import RunBase, check_layout
-from scalelab.parallel.runtime import Runtime, _env_int
+from scalelab.parallel.runtime import Runtime, _env_int, exit_worker
 from scalelab.parallel.stragglers import straggler_delay
 
 HELLO, PUSH, BYE = 0, 1, 2
@@ -743,9 +743,7 @@ def _worker_child(trainer, gen: int, formation=None) -> None:
         print(f"scalelab: error: worker rank {rt.rank}: {str(e).splitlines()[0][:200]}", file=sys.stderr,
               flush=True)
         os._exit(1)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_worker()
 
 
 def supervise_worker(trainer, rt: Runtime) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -171,6 +172,21 @@ class Runtime:
     def shutdown(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def exit_worker(code: int = 0) -> None:
+    """End a worker process of a distributed job once everything it owes is written: leave the process group,
+    flush stdout and stderr, and exit without running C++ static destructors.
+
+    With torch 2.13 and gloo those destructors sometimes find a communication thread still joinable and abort
+    ("terminate called without an active exception", SIGABRT) after work that succeeded, which a launcher or
+    ``torch.multiprocessing.spawn`` would report as a failed worker.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _env_int(name: str, default: int) -> int:

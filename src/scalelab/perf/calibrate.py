@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from scalelab.parallel.runtime import exit_worker
 from scalelab.perf import comm
 
 # name, width, depth, input shape, classes: ~4.3M parameters, 17 MB of gradients
@@ -148,8 +149,10 @@ def _probe_worker(rank: int, world: int, port: int, queue, steps: int, repeats: 
                        "bucket_bytes": buckets, "buffer_bytes": buffers,
                        "sizes_s": {str(s): max(g[1][0][str(s)] for g in gathered) for s in SIZES},
                        "comm_step_s": _slowest_median([g[1][1] for g in gathered])})
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_worker()
 
 
 def _local_steps(rank: int, world: int, steps: int):
