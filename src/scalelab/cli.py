@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -89,7 +90,6 @@ def _cmd_train(args) -> int:
     out = Path(args.out) if args.out else default_out_dir(cfg)
     if args.nproc > 1 or args.nnodes != "1" or args.rdzv_endpoint:
         return _launch(cfg, out, args)
-    import os
 
     # a worker of a torchrun / --nproc job resumes by itself when the agent restarts it
     resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -101,10 +101,6 @@ def _cmd_train(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0 and not os.environ.get("SCALELAB_LAUNCHER"):
         print_summary(summary)
         print(f"run directory: {out}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from scalelab.parallel.runtime import exit_worker
-
-        exit_worker()  # everything is written; skip the static destructors that may abort under gloo
     return 0
 
 
@@ -191,10 +187,16 @@ def _cmd_config(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
     except ScalelabError as e:
         e.report()
-        return e.exit_code
+        code = e.exit_code
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # a worker of a distributed job, done or failed, with everything written and reported
+        from scalelab.parallel.runtime import exit_worker
+
+        exit_worker(code)
+    return code
 
 
 if __name__ == "__main__":
