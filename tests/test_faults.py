@@ -112,3 +112,16 @@ def test_keep_worker_policy_scales_the_global_batch_and_the_lr(lost_worker, tmp_
     assert b["global_batch"] == 128 and b["steps"] == 80 and b["samples_seen"] == 40 * 64 + 40 * 128
     rows = [json.loads(x) for x in (tmp_path / "grow" / "metrics.jsonl").read_text().splitlines()]
     assert {r["batch"] for r in rows if r["kind"] == "train" and r["step"] > 40} == {128}
+
+
+def test_exit_worker_leaves_the_group_flushes_and_keeps_the_exit_code(tmp_path):
+    """A worker ends through exit_worker: buffered output written, the group left, the given code returned
+    (without the C++ static destructors that can abort a gloo process after it succeeded)."""
+    code = ("import sys, torch.distributed as dist\n"
+            "from scalelab.parallel.runtime import exit_worker\n"
+            f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+            "sys.stdout.write('written'); sys.stderr.write('reported')\n"
+            "exit_worker(3)\n"
+            "print('never')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stdout, p.stderr.strip()) == (3, "written", "reported")
