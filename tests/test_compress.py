@@ -227,13 +227,31 @@ def _sparse_worker(rank, world, port, q):
         dist.destroy_process_group()
 
 
+def _worker_entry(target, rank, world, port, q, *args):
+    """One worker: ``target``, then leave as scalelab's own workers do (``exit_worker``): after work that
+    succeeded, gloo's static destructors sometimes abort the process (SIGABRT), which would fail the test."""
+    from scalelab.parallel.runtime import exit_worker
+
+    code = 1
+    try:
+        target(rank, world, port, q, *args)
+        code = 0
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    finally:
+        q.close()
+        q.join_thread()  # what was put must reach the pipe before os._exit
+        exit_worker(code)
+
+
 def _run_workers(target, world, *args):
     """Run ``target(rank, world, port, queue, *args)`` in ``world`` processes; their results by rank."""
     ctx = mp.get_context("forkserver")  # torch is imported once, in the server, not in each worker
     ctx.set_forkserver_preload(["torch", "torch.distributed", "scalelab.compress"])
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=target, args=(r, world, port, q, *args)) for r in range(world)]
+    procs = [ctx.Process(target=_worker_entry, args=(target, r, world, port, q, *args)) for r in range(world)]
     for p in procs:
         p.start()
     got = dict(q.get(timeout=120) for _ in range(world))
