@@ -111,6 +111,7 @@ def test_trainer_logs_noise_curve_and_cli_reports_it(tmp_path):
     assert [r["step"] for r in noise] == list(range(4, 33, 4))
     result = json.loads((out / "noise.json").read_text())
     assert result["measurements"] == 8 and result["batch"] == 128 and result["shards_batch"] == 32
+    assert result["method"] == "shards"  # one process: the auto method measures on shards
     assert result["predicted_critical_batch"] > 0 and (out / "noise.png").stat().st_size > 0
     assert main(["noise", str(tmp_path)]) == 2  # a directory without noise records: one-line error
 
@@ -124,3 +125,75 @@ def test_knee_from_a_common_reference():
     fast = [1000, 500, 260, 200, 150, 140]
     k = find_knee(BATCHES[:6], fast, ref=(BATCHES[0], 1000))
     assert k.batch == BATCHES[2] and k.first_off == BATCHES[3]
+
+
+def test_noise_method_takes_the_free_estimator_where_it_can_and_refuses_it_where_it_cannot():
+    from scalelab.errors import ConfigError
+    from scalelab.lab.noise import noise_method
+
+    assert noise_method("auto", 1) == "shards" and noise_method("auto", 4) == "workers"
+    assert noise_method("auto", 4, compress="dgc") == "shards"
+    assert noise_method("auto", 4, backup_workers=1) == "shards"
+    assert noise_method("shards", 4) == "shards" and noise_method("workers", 2) == "workers"
+    for world, kw, why in ((1, {}, "one worker"), (4, {"compress": "topk"}, "compress.method=topk"),
+                           (4, {"backup_workers": 1}, "backup workers")):
+        with pytest.raises(ConfigError, match=f"noise_method=workers: {why}.*allowed here: shards, auto"):
+            noise_method("workers", world, **kw)
+
+
+NOISE_DP = ["data.name=synthetic", "data.n_train=1024", "data.n_test=256", "model.name=mlp", "model.width=32",
+            "model.norm=none", "train.dtype=float64", "train.batch_size=64", "train.max_steps=3",
+            "train.eval_every=3", "train.threads=1", "train.progress=false", "recipe.warmup_epochs=0"]
+
+
+def _first_step_norms(cache_dir, monkeypatch, world):
+    """Single-process reference for the first step of a ``world``-worker run of NOISE_DP: each worker's
+    gradient over its share of the first batch, at the initial parameters:
+    ``(mean_r |g_r|^2, |mean_r g_r|^2)``."""
+    from scalelab.config import load_config
+    from scalelab.data import epoch_order, load_dataset
+    from scalelab.models import build_model
+
+    monkeypatch.setenv("SCALELAB_CACHE", str(cache_dir))
+    cfg = load_config(None, NOISE_DP)
+    data = load_dataset(cfg.data)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes).to(torch.float64)
+    idx = epoch_order(len(data.x_train), cfg.train.seed, 0)[:cfg.train.batch_size]
+    x, y = data.x_train[idx].to(torch.float64), data.y_train[idx]
+    grads = []
+    for xs, ys in zip(x.chunk(world), y.chunk(world)):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(xs), ys).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    g = torch.stack(grads)
+    return (g * g).sum(1).mean().item(), (g.mean(0) ** 2).sum().item()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_noise_scale_from_the_workers_gradients_in_real_gloo_processes(tmp_path, cache_dir, monkeypatch,
+                                                                       run_cli, world):
+    """``train.noise_method=workers`` (the default with several workers) reads |G_b|^2 and |G_B|^2 from the
+    training step itself: each worker's gradient before DDP's all-reduce, averaged over workers, and the
+    all-reduced one. At the first step both equal the single-process reference of the same shares; every step
+    is measured, with b = the worker's share and B = the global batch. World size 2 through ``scalelab noise
+    --nproc``, 4 through ``scalelab train --nproc`` (world size 1 falls back to shards: the test above)."""
+    out = tmp_path / "run"
+    sets = [a for o in NOISE_DP for a in ("--set", o)]
+    if world == 2:
+        proc = run_cli("noise", "--nproc", "2", "--every", "1", "--out", out, *sets)
+        assert "each worker's share of b=32" in proc.stdout, proc.stdout + proc.stderr
+    else:
+        proc = run_cli("train", "--nproc", "4", "--out", out, *sets, "--set", "train.noise_every=1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    noise = [r for r in recs if r["kind"] == "noise"]
+    assert [r["step"] for r in noise] == [1, 2, 3]
+    assert all(r["method"] == "workers" and r["b_small"] == 64 // world and r["b_big"] == 64 for r in noise)
+    small_sq, big_sq = _first_step_norms(cache_dir, monkeypatch, world)
+    assert noise[0]["g_small_sq"] == pytest.approx(small_sq, rel=1e-9)
+    assert noise[0]["g_big_sq"] == pytest.approx(big_sq, rel=1e-9)
+    assert small_sq > 1.05 * big_sq  # the two batch sizes really differ: a wrong pairing would fail
+    g2, trace = estimate(small_sq, big_sq, 64 // world, 64)
+    assert noise[0]["g2"] == pytest.approx(g2, rel=1e-6)
+    assert noise[0]["trace"] == pytest.approx(trace, rel=1e-6)

@@ -89,7 +89,7 @@ def _cmd_train(args) -> int:
     cfg = load_config(config_path, overrides)
     out = Path(args.out) if args.out else default_out_dir(cfg)
     if args.nproc > 1 or args.nnodes != "1" or args.rdzv_endpoint:
-        return _launch(cfg, out, args)
+        return launch_job(cfg, out, args)
 
     # a worker of a torchrun / --nproc job resumes by itself when the agent restarts it
     resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -104,8 +104,9 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _launch(cfg, out: Path, args) -> int:
-    """The parent of a --nproc job: validate and prepare everything, then start the workers."""
+def launch_job(cfg, out: Path, args) -> int:
+    """The parent of a --nproc job: validate and prepare everything, then start the workers. ``args`` holds
+    ``nproc``, ``max_restarts``, ``nnodes``, ``rdzv_endpoint``, ``rdzv_id``, ``out`` and ``resume``."""
     import json
 
     from scalelab.config import save_config

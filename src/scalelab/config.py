@@ -133,7 +133,12 @@ class TrainConfig:
     eval_batch: int = _f(4096, lo=1)
     progress: bool = _f(True, doc="live progress bar")
     noise_every: int = _f(0, lo=0, doc="log the gradient noise scale every N steps (McCandlish 2018); 0 = off")
-    noise_shards: int = _f(8, lo=2, doc="noise scale: shards of the batch that give the small-batch gradients")
+    noise_method: str = _f("auto", choices=("auto", "workers", "shards"),
+                           doc="noise scale from: workers = each worker's gradient and the all-reduced one "
+                               "of the training step (free; >= 2 workers); shards = a fresh batch in shards "
+                               "(extra passes); auto = workers where possible")
+    noise_shards: int = _f(8, lo=2, doc="noise scale, shards method: shards of the batch that give the "
+                                        "small-batch gradients")
 
 
 @dataclass
@@ -349,7 +354,7 @@ def _validate_cross(cfg: Config) -> None:
     if r.nesterov and r.momentum == 0 and r.optimizer in ("sgd", "kfac"):
         raise ConfigError("recipe.nesterov: Nesterov momentum needs recipe.momentum > 0; "
                           "set recipe.nesterov=false for plain SGD")
-    if t.noise_every and t.batch_size % t.noise_shards:
+    if t.noise_every and t.noise_method != "workers" and t.batch_size % t.noise_shards:
         raise ConfigError(f"train.noise_shards: {t.noise_shards} must divide train.batch_size={t.batch_size}")
     cm = cfg.compress
     if cm.method == "powersgd" and cm.warmup_steps < 2:

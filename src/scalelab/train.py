@@ -33,13 +33,13 @@ from scalelab.compress import dgc_optimizer, gather_state, restore_state
 from scalelab.config import Config, save_config
 from scalelab.data import DATASETS, Dataset, epoch_order, load_dataset
 from scalelab.errors import ConfigError, DataError, DivergenceError, ScalelabError, unknown_name
-from scalelab.lab.noise import NoiseMonitor
+from scalelab.lab.noise import NoiseMonitor, noise_method
 from scalelab.parallel.launch import WorkerFailure
 from scalelab.models import MODELS, build_model
 from scalelab.recipe import build_optimizer, build_schedule, eval_weights
 from scalelab.recipe.batch import BatchPlan
 from scalelab.recipe.schedule import peak_lr
-from scalelab.parallel.runtime import Runtime, init_runtime
+from scalelab.parallel.runtime import GradNormProbe, Runtime, init_runtime
 from scalelab.parallel.stragglers import BackupSync, straggler_delay
 from scalelab.track import Progress, Tracker, summary_table
 
@@ -340,8 +340,11 @@ class Trainer:
 
         progress = Progress(total, c.step, enabled=t.progress and rt.is_main, desc=cfg.run_name())
         # gradient noise scale (McCandlish et al. 2018), measured outside the training clock: scalelab.lab.noise
-        noise = (NoiseMonitor(B // used, t.noise_shards, seed=t.seed, label_smoothing=cfg.recipe.label_smoothing)
-                 if t.noise_every else None)
+        # ("workers": from the step's own per-worker and averaged gradients, read by the DDP hook)
+        method = (noise_method(t.noise_method, world, cfg.compress.method, cfg.parallel.backup_workers)
+                  if t.noise_every else None)
+        noise = (NoiseMonitor(B // used, t.noise_shards if method == "shards" else None, seed=t.seed,
+                              label_smoothing=cfg.recipe.label_smoothing) if t.noise_every else None)
         ckdir = self.out / "checkpoints" if self.out else None
 
         def save(step: int) -> None:
@@ -406,12 +409,15 @@ class Trainer:
                 log_now = (c.step + 1) % t.log_every == 0 or c.step + 1 == total
                 delay = straggler_delay(cfg.stragglers, rank, c.step)
                 opt.zero_grad(set_to_none=True)
-                hits = None
+                hits = probe = None
                 if backup is None:
                     if delay:
                         time.sleep(delay)
+                    if method == "workers" and (c.step + 1) % t.noise_every == 0:
+                        rt.norm_probe = GradNormProbe()
                     loss, hits = forward_backward(model, xb, yb, chunks, smoothing, log_now)
                     rt.end_backward()
+                    probe, rt.norm_probe = rt.norm_probe, None
                     loss_v = loss.item()  # this worker's; the mean over workers is reduced at log steps
                     # after DDP's all-reduce every worker holds the same gradients, so every worker takes the
                     # same decision about a non-finite step (a NaN loss anywhere makes them NaN)
@@ -448,7 +454,12 @@ class Trainer:
                 epoch_end = plan.epoch_ends(c.epoch, c.epoch_pos)
                 c.train_s += time.perf_counter() - step_t0
                 c.comm_bytes, c.comm_s = comm0_bytes + rt.comm.bytes_sent, comm0_s + rt.comm.exposed_s
-                if noise is not None and c.step % t.noise_every == 0:
+                if probe is not None and finite:  # every worker has the same `finite`: all take part
+                    local_sq, big_sq = probe.sums()
+                    small_sq = rt.all_reduce_sum(torch.tensor([local_sq], dtype=torch.float64)).item() / world
+                    tracker.log("noise", c.step,
+                                **noise.record(small_sq, big_sq, share, share * world, method))
+                elif method == "shards" and c.step % t.noise_every == 0:
                     tracker.log("noise", c.step, **noise.measure(base, x_train, y_train, rt.all_reduce_sum))
 
                 if rt.compress is not None and c.step % (cfg.compress.log_every or t.log_every) == 0:

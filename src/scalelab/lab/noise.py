@@ -7,9 +7,12 @@ Appendix A. With ``G`` the true gradient and ``Sigma`` the per-example gradient 
     |G|^2     ~  (B |G_B|^2 - b |G_b|^2) / (B - b)
     tr(Sigma) ~  (|G_b|^2 - |G_B|^2) / (1/b - 1/B)
 
-In data-parallel training they come for free: ``G_b`` is a worker's gradient before the all-reduce and ``G_B``
-the averaged one. In one process the batch is split into ``k`` shards of ``b = B/k``: ``|G_b|^2`` is the mean over
-shards of the squared shard-gradient norm, ``G_B`` the mean of the shard gradients. A single estimate is noisy
+In data-parallel training they come for free (``train.noise_method=workers``, the default with several
+workers): ``G_b`` is a worker's gradient of the training step before DDP's all-reduce (``b`` its share),
+``|G_b|^2`` averaged over the workers, and ``G_B`` the averaged gradient (``B`` the global batch), read by
+the trainer's DDP communication hook (:class:`scalelab.parallel.runtime.GradNormProbe`). In one process
+(``shards``) a fresh batch is split into ``k`` shards of ``b = B/k``: ``|G_b|^2`` is the mean over shards
+of the squared shard-gradient norm, ``G_B`` the mean of the shard gradients. A single estimate is noisy
 (and can be negative), so, as in the paper, each of the two is smoothed with an exponential moving average before
 the ratio is taken. The critical batch size is about ``B_noise`` (at ``B = B_noise`` a run takes twice the
 minimum steps and twice the minimum examples, eq. 2.11); ``B_simple`` equals ``B_noise`` when the Hessian is a
@@ -18,11 +21,13 @@ multiple of the identity and is what is measured here.
 Pieces:
 
 * :func:`estimate` -- the two unbiased estimates from ``|G_b|^2`` and ``|G_B|^2``;
+* :func:`noise_method` -- ``workers`` where the run allows it, else ``shards``;
 * :class:`NoiseMonitor` -- what the trainer calls every ``train.noise_every`` steps (kind ``"noise"`` records in
-  ``metrics.jsonl``): a fresh batch of the run's global batch size drawn from the training set with its own
-  generator (the run's data order and RNG are untouched), its shard gradients at the current parameters, BN
-  statistics restored afterwards;
-* ``scalelab noise --config ... [--set ...] --out DIR``: a training run with the monitor on, then the curve
+  ``metrics.jsonl``): :meth:`~NoiseMonitor.record` with the two norms of the step's own gradients
+  (``workers``), or :meth:`~NoiseMonitor.measure` on a fresh batch of the run's global batch size drawn from
+  the training set with its own generator (the run's data order and RNG are untouched), its shard gradients
+  at the current parameters, BN statistics restored afterwards (``shards``);
+* ``scalelab noise --config ... [--set ...] [--nproc N] --out DIR``: a training run with the monitor on, then the curve
   (``noise.png``), ``noise.json`` and the critical batch it predicts.
 
 With batch norm each shard is normalised with its own statistics (as ghost batch norm would), so ``G_b`` is the
@@ -100,21 +105,43 @@ def shard_norms(shard_grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return small_sq, (big * big).sum()
 
 
+def noise_method(requested: str, world_size: int, compress: str = "none", backup_workers: int = 0) -> str:
+    """Which estimator a run uses (``train.noise_method``): ``workers`` takes ``|G_b|^2`` and ``|G_B|^2`` from
+    the training step itself, each worker's gradient before DDP's all-reduce and the averaged one after it, at
+    the cost of two squared norms and one scalar all-reduce; that needs several workers whose gradients are
+    averaged exactly (no compression, no backup workers). ``shards`` measures on a fresh batch split into
+    shards, extra forward and backward passes outside the training clock, in any run. ``auto`` takes
+    ``workers`` where it can."""
+    free = world_size > 1 and compress == "none" and not backup_workers
+    if requested == "workers" and not free:
+        why = ("one worker has no second batch size" if world_size <= 1 else
+               f"compress.method={compress} sends a compressed gradient" if compress != "none" else
+               "backup workers average a subset of the gradients")
+        raise ConfigError(f"train.noise_method=workers: {why}; it needs >= 2 workers averaging their "
+                          f"gradients exactly; allowed here: shards, auto")
+    if requested == "auto":
+        return "workers" if free else "shards"
+    return requested
+
+
 class NoiseMonitor:
-    """Measures B_simple during training from shard gradients of a fresh batch (see the module docstring).
+    """Measures B_simple during training (see the module docstring) and keeps the moving averages.
 
     Args:
-        batch: the (per-worker) batch B whose gradient is ``G_B``.
-        shards: ``k``; the small batch is ``b = B / k``.
+        batch: the (per-worker) batch B whose gradient is ``G_B`` in :meth:`measure`.
+        shards: ``k``; the small batch of :meth:`measure` is ``b = B / k``. ``None``: the estimates come from
+            elsewhere through :meth:`record` (the ``workers`` method), and :meth:`measure` is not used.
         ema: decay of the moving averages of ``|G|^2`` and ``tr(Sigma)``.
         seed: seed of the monitor's own sample generator.
         label_smoothing: as in the training loss.
     """
 
-    def __init__(self, batch: int, shards: int, ema: float = 0.9, seed: int = 0, label_smoothing: float = 0.0):
-        if shards < 2 or batch % shards:
+    def __init__(self, batch: int, shards: int | None, ema: float = 0.9, seed: int = 0,
+                 label_smoothing: float = 0.0):
+        if shards is not None and (shards < 2 or batch % shards):
             raise ConfigError(f"train.noise_shards: {shards} must be >= 2 and divide the batch {batch}")
-        self.batch, self.shards, self.small = batch, shards, batch // shards
+        self.batch, self.shards = batch, shards
+        self.small = batch // shards if shards else None
         self.g2, self.trace = EMA(ema), EMA(ema)
         self.gen = torch.Generator().manual_seed(10007 + seed)
         self.label_smoothing = label_smoothing
@@ -145,11 +172,16 @@ class NoiseMonitor:
         if reduce is not None:
             vals = reduce(vals)
         small_sq, big_sq = (vals[0] / vals[2]).item(), (vals[1] / vals[2]).item()
-        g2, trace = estimate(small_sq, big_sq, self.small, self.batch)
+        return self.record(small_sq, big_sq, self.small, self.batch, "shards")
+
+    def record(self, small_sq: float, big_sq: float, b_small: int, b_big: int, method: str) -> dict[str, Any]:
+        """The two unbiased estimates from ``|G_b|^2`` and ``|G_B|^2``, into the moving averages; the record
+        to log (``method``: which estimator measured them)."""
+        g2, trace = estimate(small_sq, big_sq, b_small, b_big)
         eg, et = self.g2.update(g2), self.trace.update(trace)
         return {"g2": g2, "trace": trace, "b_simple_raw": trace / g2 if g2 > 0 else float("nan"),
                 "b_simple": et / eg if eg > 0 else float("nan"), "g_small_sq": small_sq, "g_big_sq": big_sq,
-                "b_small": self.small, "b_big": self.batch}
+                "b_small": b_small, "b_big": b_big, "method": method}
 
 
 # ---- analysis of a run's noise curve -----------------------------------------------------------------------------
@@ -183,6 +215,7 @@ def analyze(run_dir: Path, ema: float = 0.9, tail: float = 0.2) -> dict[str, Any
             "b_simple_at_target": at_target, "steps_to_target": summary.get("steps_to_target"),
             "target_acc": summary.get("target_acc"), "final_test_acc": summary.get("final_test_acc"),
             "batch": recs[0]["b_big"], "shards_batch": recs[0]["b_small"],
+            "method": recs[0].get("method", "shards"),
             "predicted_critical_batch": next((v for v in (at_target, b_tail, curve[-1])
                                               if v is not None and math.isfinite(v) and v > 0), None),
             "curve": [{"step": r["step"], "b_simple": c, "b_simple_raw": r["b_simple_raw"], "g2": r["g2"],
@@ -207,7 +240,7 @@ def plot_noise(result: dict[str, Any], path: Path) -> Path:
                    label=f"target {result['target_acc']:g} reached")
     return finish(fig, ax, path, xlabel="step", ylabel="gradient noise scale (examples)",
                   title=f"gradient noise scale, B={result['batch']}, b={result['shards_batch']} "
-                        f"(McCandlish et al. 2018)")
+                        f"({result.get('method', 'shards')}; McCandlish et al. 2018)")
 
 
 def write_result(run_dir: Path, ema: float = 0.9) -> tuple[dict[str, Any], list[Path]]:
@@ -217,8 +250,9 @@ def write_result(run_dir: Path, ema: float = 0.9) -> tuple[dict[str, Any], list[
 
 
 def format_result(r: dict[str, Any]) -> str:
+    small = ("each worker's share" if r.get("method") == "workers" else "shards")
     lines = [f"gradient noise scale B_simple (McCandlish et al. 2018), {r['measurements']} measurements at "
-             f"B={r['batch']} with shards of b={r['shards_batch']}:",
+             f"B={r['batch']} with {small} of b={r['shards_batch']}:",
              f"  at the end (EMA {r['ema']:g}):          {r['b_simple_final']:.1f}",
              f"  last {r['tail_fraction']:.0%} of the run:          {r['b_simple_tail']:.1f}"]
     if r["b_simple_at_target"] is not None:
@@ -240,7 +274,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[], dest="overrides",
                    help="override one config field; repeatable")
     p.add_argument("--every", type=int, default=10, help="measure every N steps (default 10)")
-    p.add_argument("--shards", type=int, default=8, help="shards per batch (default 8)")
+    p.add_argument("--method", choices=("auto", "workers", "shards"), default="auto",
+                   help="workers: from each worker's and the all-reduced gradient of the training step "
+                        "(free, needs --nproc >= 2); shards: a fresh batch in shards; auto (default): "
+                        "workers if it can")
+    p.add_argument("--shards", type=int, default=8, help="shards per batch, shards method (default 8)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel workers, as in scalelab train")
     p.add_argument("--ema", type=float, default=0.9, help="EMA decay of the two estimates (default 0.9)")
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/noise-<date>-<time>)")
 
@@ -253,13 +293,24 @@ def run(args) -> int:
 
     if not 0 <= args.ema < 1:
         raise ConfigError(f"--ema {args.ema}: allowed: >= 0 and < 1")
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: allowed: N >= 1")
     if args.run_dir:
         out = Path(args.run_dir)
     else:
         cfg = load_config(args.config, list(args.overrides) + [f"train.noise_every={args.every}",
-                                                                f"train.noise_shards={args.shards}"])
+                                                                f"train.noise_shards={args.shards}",
+                                                                f"train.noise_method={args.method}"])
+        noise_method(args.method, args.nproc, cfg.compress.method, cfg.parallel.backup_workers)  # refused now
         out = Path(args.out) if args.out else Path("runs") / f"noise-{dt.datetime.now():%Y%m%d-%H%M%S}"
-        train(cfg, out)
+        if args.nproc > 1:
+            from types import SimpleNamespace
+
+            from scalelab.cli import launch_job
+            launch_job(cfg, out, SimpleNamespace(nproc=args.nproc, max_restarts=0, nnodes="1", out=str(out),
+                                                 rdzv_endpoint=None, rdzv_id=None, resume=False))
+        else:
+            train(cfg, out)
     result, paths = write_result(out, args.ema)
     print(format_result(result))
     for p in paths:

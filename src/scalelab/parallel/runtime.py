@@ -45,15 +45,49 @@ class CommStats:
     last_launch: float = field(default=0.0, repr=False)
 
 
+@dataclass
+class GradNormProbe:
+    """The squared norms of one step's gradient before and after DDP's averaging all-reduce, per bucket.
+
+    In data-parallel training the gradient noise scale's two batch sizes come for free (McCandlish et al.
+    2018, arXiv 1812.06162, Appendix A): ``local`` holds ``|G_b|^2`` of this worker's gradient over its share
+    ``b`` of the batch, ``reduced`` ``|G_B|^2`` of the averaged gradient over the whole batch ``B``. Buckets
+    may complete on gloo's threads, so each appends its own entry (an atomic list append) and :meth:`sums`
+    adds them up once the backward pass has returned (DDP waits for every bucket before it does).
+    """
+
+    local: list = field(default_factory=list)
+    reduced: list = field(default_factory=list)
+
+    def sums(self) -> tuple[float, float]:
+        return float(sum(self.local)), float(sum(self.reduced))
+
+
+def _sq_norm(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().double()
+    return (t * t).sum()
+
+
 def _allreduce_hook(state, bucket):  # no annotations: DDP checks them, and this module's are strings
-    """DDP's averaging all-reduce of one ``dist.GradBucket``, with its bytes and launch time recorded."""
+    """DDP's averaging all-reduce of one ``dist.GradBucket``, with its bytes and launch time recorded, and the
+    bucket's squared norms before and after when the step carries a :class:`GradNormProbe`."""
     buf = bucket.buffer()
     state.comm.bytes_sent += ring_bytes_sent(buf.numel() * buf.element_size(), state.world_size)
     state.comm.calls += 1
     state.comm.last_launch = time.perf_counter()
+    probe = state.norm_probe
+    if probe is not None:
+        probe.local.append(_sq_norm(buf))
     buf.div_(state.world_size)
     fut = dist.all_reduce(buf, group=state.group, async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0])
+    if probe is None:
+        return fut.then(lambda f: f.value()[0])
+
+    def done(f):
+        out = f.value()[0]
+        probe.reduced.append(_sq_norm(out))
+        return out
+    return fut.then(done)
 
 
 class Runtime:
@@ -76,6 +110,7 @@ class Runtime:
         self.step = 0  # the training step in progress (set by the trainer; compression hooks read it)
         self.lr = None  # the learning rate of the step in progress (set by the trainer; DGC may read it)
         self.compress = None  # the compression hook state, when compress.method is set
+        self.norm_probe = None  # a GradNormProbe for the step in progress (the noise scale from the workers)
 
     @property
     def distributed(self) -> bool:
