@@ -119,18 +119,19 @@ def fit_mccandlish(batches: Sequence[float], steps: Sequence[float | None]) -> t
     if len(pts) < 2:
         return None
     b = np.array([p[0] for p in pts])
-    s = np.array([p[1] for p in pts])
+    log_s = np.log(np.array([p[1] for p in pts]))
+
     # For a fixed B_noise the best log S_min is the mean residual; scan log B_noise on a fine grid, then refine.
-    def loss(log_bn: float) -> tuple[float, float]:
-        model = np.log1p(np.exp(log_bn) / b)
-        log_smin = float(np.mean(np.log(s) - model))
-        return float(np.sum((np.log(s) - model - log_smin) ** 2)), log_smin
+    def losses(log_bn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # one row per candidate log B_noise
+        resid = log_s - np.log1p(np.exp(log_bn)[:, None] / b)
+        log_smin = resid.mean(1)
+        return ((resid - log_smin[:, None]) ** 2).sum(1), log_smin
 
     grid = np.linspace(math.log(b.min() / 100), math.log(b.max() * 100), 801)
-    best = min(grid, key=lambda g: loss(g)[0])
+    best = grid[int(np.argmin(losses(grid)[0]))]
     step = grid[1] - grid[0]
-    for _ in range(40):  # golden-section-like refinement around the best grid point
-        cands = [best - step, best, best + step]
-        best = min(cands, key=lambda g: loss(g)[0])
+    for _ in range(40):  # halving refinement around the best grid point
+        cands = np.array([best - step, best, best + step])
+        best = cands[int(np.argmin(losses(cands)[0]))]
         step /= 2
-    return float(math.exp(best)), float(math.exp(loss(best)[1]))
+    return float(math.exp(best)), float(math.exp(losses(np.array([best]))[1][0]))
