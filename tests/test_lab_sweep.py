@@ -311,3 +311,21 @@ def test_sweep_killed_then_resumed_does_not_redo_finished_trials(tmp_path):
     _check_spec(mine, out)                                   # no error: the missing key is at its default
     with pytest.raises(Exception, match="budget_steps"):
         _check_spec(SweepSpec(**{**mine.__dict__, "budget_steps": 500}), out)
+
+
+def test_steps_reached_at_the_first_evaluation_are_flagged_as_upper_bounds():
+    """With ``--eval-examples 2048`` batch 32 is evaluated every 64 steps: a cell whose best trial reached the
+    target at its first evaluation only says "at most 64 steps", and the table says so."""
+    from scalelab.lab.sweep import format_table, summarize
+
+    s = spec(batches=[32, 64])
+    def trial(batch, mult, steps):
+        return {"id": f"sgd-b{batch}-x{mult}", "optimizer": "sgd", "batch": batch, "warmup": 1.0, "mult": mult,
+                "lr": 0.1 * mult, "status": "reached", "steps_to_target": steps, "examples_to_target": steps * batch,
+                "time_to_target_s": 1.0, "budget": 1000}
+    out = summarize(s, [trial(32, 1, 64), trial(32, 2, 128), trial(64, 1, 96), trial(64, 2, 64)])
+    rows = {r["batch"]: r for r in out["best"]}
+    assert s.eval_every(32) == 64 and s.eval_every(64) == 32
+    assert rows[32]["first_eval"] and not rows[64]["first_eval"]  # 64 steps at 64 is the second evaluation
+    table = format_table(out)
+    assert "note: sgd at 32 reached the target at the first evaluation" in table and "sgd at 64" not in table

@@ -105,17 +105,23 @@ def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool,
             cls = "knee" if k["batch"] == b else ("off" if ratio is None or ratio > spec["tol"] else "")
             steps = (_fmt(row["steps_to_target"]) if row["steps_to_target"] is not None or not row.get("budget")
                      else f"missed in {row['budget']}")
+            if row.get("first_eval"):  # reached at the first evaluation: an upper bound
+                steps = f"&le;&nbsp;{steps}"
             h.append(f"<td class='{cls}'>{steps}</td><td class='{cls}'>"
                      f"{_fmt(ratio, '.2f') if ratio is not None else ('–' if row['steps_to_target'] is None else '')}"
                      f"</td><td>{_fmt(row['lr'], '.3g')}</td>")
         h.append("</tr>")
     h.append("</table>")
+    if any(r.get("first_eval") for r in summary["best"]):
+        h.append("<p>&le;: the best trial reached the target at its first evaluation, so the figure is an upper "
+                 "bound at the evaluation interval (max(1, round(eval_examples / B)) steps).</p>")
 
     h.append("<h2>Knees: measured and predicted</h2>")
     if noise:
         bs = noise["predicted_critical_batch"]
         h.append(f"<p>Gradient noise scale B_simple = tr(&Sigma;)/|G|&sup2; measured during a training run at "
-                 f"batch {noise['batch']} (shards of {noise['shards_batch']}; McCandlish et al. 2018): "
+                 f"batch {noise['batch']} ({'each worker' if noise.get('method') == 'workers' else 'shards'}"
+                 f" of {noise['shards_batch']}; McCandlish et al. 2018): "
                  f"<b>{_fmt(bs, '.0f')}</b>"
                  + (f" when the run reached test accuracy {noise['target_acc']:g}" if noise.get(
                      "b_simple_at_target") is not None else " (last 20% of the run)")
