@@ -340,7 +340,8 @@ def _validate_cross(cfg: Config) -> None:
     if p.mode != "sync":
         unsupported = [k for k, on in (("train.micro_batch", t.micro_batch), ("recipe.batch_milestones",
                        r.batch_milestones), ("compress.method", cfg.compress.method != "none"),
-                       ("recipe.precondition", r.precondition != "none" or r.optimizer == "kfac")) if on]
+                       ("recipe.precondition", r.precondition != "none" or r.optimizer == "kfac"),
+                       ("train.noise_every", t.noise_every)) if on]
         if unsupported:
             raise ConfigError(f"{unsupported[0]}: built for parallel.mode=sync; parallel.mode={p.mode} does not "
                               f"support it (leave it at its default)")
