@@ -5,8 +5,9 @@ and the step: the data order of an epoch comes from ``(seed, epoch)``, the learn
 rest (model, optimizer, RNG, counters) is in the checkpoint. So a run killed at any point and resumed from its
 last checkpoint ends with the same parameters, bit for bit, as one that never stopped.
 
-Clocks: ``train_s`` counts only training steps; evaluation (``eval_s``) and checkpoint writing (``ckpt_s``) are
-timed apart, so time-to-target and samples/s describe training alone.
+Clocks: ``train_s`` counts only training steps; evaluation (``eval_s``), checkpoint writing (``ckpt_s``) and the
+noise-scale measurements' own work (``noise_s``) are timed apart, so time-to-target and samples/s describe
+training alone.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Counters:
     train_s: float = 0.0
     eval_s: float = 0.0
     ckpt_s: float = 0.0
+    noise_s: float = 0.0  # noise-scale measurements outside the training clock (train.noise_every)
     best_test_acc: float = 0.0
     last_eval_step: int = -1
     last_test_acc: float = float("nan")
@@ -375,7 +377,7 @@ class Trainer:
             if reached:
                 c.steps_to_target, c.time_to_target_s = c.step, c.train_s
             tracker.log("eval", c.step, epoch=epochs_done(), test_loss=loss, test_acc=acc, test_n=n,
-                        train_s=c.train_s, eval_s=c.eval_s, wall_s=c.train_s + c.eval_s + c.ckpt_s,
+                        train_s=c.train_s, eval_s=c.eval_s, wall_s=c.train_s + c.eval_s + c.ckpt_s + c.noise_s,
                         samples=c.samples_seen)
             progress.update(0, test_acc=acc)
             return reached
@@ -454,13 +456,17 @@ class Trainer:
                 epoch_end = plan.epoch_ends(c.epoch, c.epoch_pos)
                 c.train_s += time.perf_counter() - step_t0
                 c.comm_bytes, c.comm_s = comm0_bytes + rt.comm.bytes_sent, comm0_s + rt.comm.exposed_s
+                noise_t0 = time.perf_counter()
                 if probe is not None and finite:  # every worker has the same `finite`: all take part
                     local_sq, big_sq = probe.sums()
                     small_sq = rt.all_reduce_sum(torch.tensor([local_sq], dtype=torch.float64)).item() / world
+                    c.noise_s += time.perf_counter() - noise_t0
                     tracker.log("noise", c.step,
                                 **noise.record(small_sq, big_sq, share, share * world, method))
                 elif method == "shards" and c.step % t.noise_every == 0:
-                    tracker.log("noise", c.step, **noise.measure(base, x_train, y_train, rt.all_reduce_sum))
+                    rec = noise.measure(base, x_train, y_train, rt.all_reduce_sum)
+                    c.noise_s += time.perf_counter() - noise_t0
+                    tracker.log("noise", c.step, **rec)
 
                 if rt.compress is not None and c.step % (cfg.compress.log_every or t.log_every) == 0:
                     tracker.log("compress", c.step, **rt.compress.step_record())
@@ -476,7 +482,7 @@ class Trainer:
                     log_t0, log_samples0 = c.train_s, c.samples_seen
                     tracker.log("train", c.step, epoch=epochs_done(), loss=loss_v, acc=acc, lr=lr, batch=Bs,
                                 samples=c.samples_seen, samples_per_s=sps, train_s=c.train_s,
-                                wall_s=c.train_s + c.eval_s + c.ckpt_s,
+                                wall_s=c.train_s + c.eval_s + c.ckpt_s + c.noise_s,
                                 comm_bytes=c.comm_bytes, comm_s=c.comm_s)
                     progress.update(1, epoch=f"{epochs_done():.2f}", loss=loss_v, acc=acc, lr=lr,
                                     samples_s=round(sps))
@@ -518,6 +524,7 @@ class Trainer:
             "train_s": c.train_s,
             "eval_s": c.eval_s,
             "checkpoint_s": c.ckpt_s,
+            "noise_s": c.noise_s,
             "train_samples_per_s": c.samples_seen / c.train_s if c.train_s > 0 else 0.0,
             "target_acc": t.target_acc or None,
             "steps_to_target": c.steps_to_target,
