@@ -114,6 +114,8 @@ def test_trainer_logs_noise_curve_and_cli_reports_it(tmp_path):
     assert result["method"] == "shards"  # one process: the auto method measures on shards
     assert result["predicted_critical_batch"] > 0 and (out / "noise.png").stat().st_size > 0
     assert main(["noise", str(tmp_path)]) == 2  # a directory without noise records: one-line error
+    assert main(["report", str(out)]) == 0  # the run's report draws the noise curve too
+    assert (out / "plots" / "noise.png").stat().st_size > 0
 
 
 def test_knee_from_a_common_reference():

@@ -2,7 +2,8 @@
 the sweep's HTML report, see :mod:`scalelab.lab.html`).
 
 Plots (in ``RUN_DIR/plots``): ``curves.png`` with loss and accuracy (train and test) against steps, samples and
-wall time, and ``lr.png`` with the learning rate against steps.
+wall time, and ``lr.png`` with the learning rate against steps; where the run logged them, ``staleness.png``
+(parameter-server modes) and ``noise.png`` (the gradient noise scale, ``train.noise_every``).
 """
 
 from __future__ import annotations
@@ -120,4 +121,11 @@ def report_run(run_dir: Path) -> str:
                 if last else "run not finished; no evaluation yet")
     paths = plot_run(run_dir, records)
     stale = staleness_text(records)
-    return head + "\n" + (stale + "\n" if stale else "") + "\n".join(f"wrote {p}" for p in paths)
+    noise = ""
+    if any(r.get("kind") == "noise" for r in records):  # train.noise_every: the curve and what it predicts
+        from scalelab.lab.noise import analyze, format_result, plot_noise
+
+        result = analyze(run_dir)
+        paths.append(plot_noise(result, run_dir / "plots" / "noise.png"))
+        noise = format_result(result) + "\n"
+    return head + "\n" + (stale + "\n" if stale else "") + noise + "\n".join(f"wrote {p}" for p in paths)
