@@ -27,8 +27,8 @@ Pieces:
   (``workers``), or :meth:`~NoiseMonitor.measure` on a fresh batch of the run's global batch size drawn from
   the training set with its own generator (the run's data order and RNG are untouched), its shard gradients
   at the current parameters, BN statistics restored afterwards (``shards``);
-* ``scalelab noise --config ... [--set ...] [--nproc N] --out DIR``: a training run with the monitor on, then the curve
-  (``noise.png``), ``noise.json`` and the critical batch it predicts.
+* ``scalelab noise --config ... [--set ...] [--nproc N] --out DIR``: a training run with the monitor on, then
+  the curve (``noise.png``), ``noise.json`` and the critical batch it predicts.
 
 With batch norm each shard is normalised with its own statistics (as ghost batch norm would), so ``G_b`` is the
 gradient of a ghost-BN model; the estimators stay self-consistent because ``G_B`` is the mean of those same shard
