@@ -1,10 +1,10 @@
-"""What measuring the gradient noise scale costs a data-parallel run: the free estimator against the shard one.
+"""What measuring the gradient noise scale costs a data-parallel run: the free estimator, the shard one.
 
     python bench/noise_overhead.py [--nproc 2] [--repeats 3] [--steps 200] [--set section.key=value ...]
                                    [--json PATH]
 
-Three ``scalelab train --nproc N`` runs of the same config (default: the lab's 95% noise run, cnn1d width 16 on
-MNIST-1D, momentum SGD at global batch 256), alternating so that load from other processes hits all alike:
+Three ``scalelab train --nproc N`` runs of the same config (default: the lab's 95% noise run, cnn1d width 16
+on MNIST-1D, momentum SGD at global batch 256), alternating so that load from other processes hits all alike:
 
 - ``off``: no noise measurement (the peer every cost is relative to);
 - ``workers``: ``train.noise_method=workers`` at every step: |G_b|^2 and |G_B|^2 from the step's own gradients
@@ -12,9 +12,10 @@ MNIST-1D, momentum SGD at global batch 256), alternating so that load from other
 - ``shards``: ``train.noise_method=shards`` every 10 steps with 8 shards: the estimator scalelab used before,
   8 extra forward/backward passes of B/8 per measurement on a fresh batch.
 
-The figure is milliseconds per step, ``(train_s + noise_s) / steps`` from each run's summary.json (training steps
-plus the measurement's own work; evaluation and checkpoints excluded), median over the repeats, and its ratio to
-``off``; also per measurement, ``(cost - off) * steps / measurements``. The load average is kept in the JSON.
+The figure is milliseconds per step, ``(train_s + noise_s) / steps`` from each run's summary.json (training
+steps plus the measurement's own work; evaluation and checkpoints excluded), median over the repeats, and its
+ratio to ``off``; also per measurement, ``(cost - off) * steps / measurements``. The load average is kept in
+the JSON.
 """
 
 from __future__ import annotations
@@ -45,18 +46,20 @@ VARIANTS = {
 def run(nproc: int, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "run"
-        args = [sys.executable, "-m", "scalelab", "train", "--config", str(REPO / "docs/lab/mnist1d_sweep.toml"),
-                "--nproc", str(nproc), "--out", str(out), "--no-progress",
-                *[a for o in overrides for a in ("--set", o)]]
+        args = [sys.executable, "-m", "scalelab", "train", "--config",
+                str(REPO / "docs/lab/mnist1d_sweep.toml"), "--nproc", str(nproc), "--out", str(out),
+                "--no-progress", *[a for o in overrides for a in ("--set", o)]]
         load = (loadavg() or [float("nan")])[0]
         proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=1800)
         if proc.returncode != 0:
-            raise SystemExit(f"bench/noise_overhead.py: a run failed ({' '.join(overrides)}):\n{proc.stderr[-2000:]}")
+            raise SystemExit(f"bench/noise_overhead.py: a run failed ({' '.join(overrides)}):\n"
+                             f"{proc.stderr[-2000:]}")
         s = json.loads((out / "summary.json").read_text())
         measured = sum(1 for line in (out / "metrics.jsonl").read_text().splitlines()
                        if json.loads(line).get("kind") == "noise")
     return {"ms_per_step": 1e3 * (s["train_s"] + s.get("noise_s", 0.0)) / s["steps"], "steps": s["steps"],
-            "train_s": s["train_s"], "noise_s": s.get("noise_s", 0.0), "measurements": measured, "load1": load}
+            "train_s": s["train_s"], "noise_s": s.get("noise_s", 0.0), "measurements": measured,
+            "load1": load}
 
 
 def main(argv=None) -> int:

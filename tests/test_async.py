@@ -124,7 +124,7 @@ def test_bad_layouts_are_one_line_config_errors():
     with pytest.raises(ConfigError, match="parallel.backup_workers"):
         load_config(None, ["parallel.mode=async", "parallel.backup_workers=1"])
     # the noise-scale monitor lives in the sync loop: refused, not silently left out
-    with pytest.raises(ConfigError, match="train.noise_every: built for parallel.mode=sync; parallel.mode=ssp"):
+    with pytest.raises(ConfigError, match="noise_every: built for parallel.mode=sync; parallel.mode=ssp"):
         load_config(None, ["parallel.mode=ssp", "train.noise_every=10"])
     from scalelab.train import workers_used
 

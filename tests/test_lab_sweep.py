@@ -320,9 +320,9 @@ def test_steps_reached_at_the_first_evaluation_are_flagged_as_upper_bounds():
 
     s = spec(batches=[32, 64])
     def trial(batch, mult, steps):
-        return {"id": f"sgd-b{batch}-x{mult}", "optimizer": "sgd", "batch": batch, "warmup": 1.0, "mult": mult,
-                "lr": 0.1 * mult, "status": "reached", "steps_to_target": steps, "examples_to_target": steps * batch,
-                "time_to_target_s": 1.0, "budget": 1000}
+        return {"id": f"sgd-b{batch}-x{mult}", "optimizer": "sgd", "batch": batch, "warmup": 1.0,
+                "mult": mult, "lr": 0.1 * mult, "status": "reached", "steps_to_target": steps,
+                "examples_to_target": steps * batch, "time_to_target_s": 1.0, "budget": 1000}
     out = summarize(s, [trial(32, 1, 64), trial(32, 2, 128), trial(64, 1, 96), trial(64, 2, 64)])
     rows = {r["batch"]: r for r in out["best"]}
     assert s.eval_every(32) == 64 and s.eval_every(64) == 32

@@ -5,8 +5,8 @@ and the step: the data order of an epoch comes from ``(seed, epoch)``, the learn
 rest (model, optimizer, RNG, counters) is in the checkpoint. So a run killed at any point and resumed from its
 last checkpoint ends with the same parameters, bit for bit, as one that never stopped.
 
-Clocks: ``train_s`` counts only training steps; evaluation (``eval_s``), checkpoint writing (``ckpt_s``) and the
-noise-scale measurements' own work (``noise_s``) are timed apart, so time-to-target and samples/s describe
+Clocks: ``train_s`` counts only training steps; evaluation (``eval_s``), checkpoint writing (``ckpt_s``) and
+the noise-scale measurements' own work (``noise_s``) are timed apart, so time-to-target and samples/s describe
 training alone.
 """
 
@@ -377,7 +377,8 @@ class Trainer:
             if reached:
                 c.steps_to_target, c.time_to_target_s = c.step, c.train_s
             tracker.log("eval", c.step, epoch=epochs_done(), test_loss=loss, test_acc=acc, test_n=n,
-                        train_s=c.train_s, eval_s=c.eval_s, wall_s=c.train_s + c.eval_s + c.ckpt_s + c.noise_s,
+                        train_s=c.train_s, eval_s=c.eval_s,
+                        wall_s=c.train_s + c.eval_s + c.ckpt_s + c.noise_s,
                         samples=c.samples_seen)
             progress.update(0, test_acc=acc)
             return reached

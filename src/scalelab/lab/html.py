@@ -113,8 +113,8 @@ def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool,
         h.append("</tr>")
     h.append("</table>")
     if any(r.get("first_eval") for r in summary["best"]):
-        h.append("<p>&le;: the best trial reached the target at its first evaluation, so the figure is an upper "
-                 "bound at the evaluation interval (max(1, round(eval_examples / B)) steps).</p>")
+        h.append("<p>&le;: the best trial reached the target at its first evaluation, so the figure is an "
+                 "upper bound at the evaluation interval (max(1, round(eval_examples / B)) steps).</p>")
 
     h.append("<h2>Knees: measured and predicted</h2>")
     if noise:

@@ -594,7 +594,7 @@ def summarize(spec: SweepSpec, trials: list[dict[str, Any]]) -> dict[str, Any]:
                    "budget": max(budgets) if budgets else None,
                    **{f"n_{k}": v for k, v in statuses.items()}}
             if best is not None:
-                # reached at the first evaluation: the figure is only an upper bound, as coarse as the interval
+                # reached at the first evaluation: only an upper bound, as coarse as the interval
                 row["first_eval"] = best["steps_to_target"] <= spec.eval_every(b)
                 row.update(steps_to_target=best["steps_to_target"], examples_to_target=best["examples_to_target"],
                            time_to_target_s=best["time_to_target_s"], lr=best["lr"], warmup=best["warmup"],
@@ -692,9 +692,9 @@ def format_table(summary: dict[str, Any]) -> str:
     coarse = [r for r in summary["best"] if r.get("first_eval")]
     if coarse:
         cells = ", ".join(f"{r['optimizer']} at {r['batch']}" for r in coarse)
-        lines.append(f"note: {cells} reached the target at the first evaluation: those steps are upper bounds at "
-                     f"the evaluation interval (max(1, round(--eval-examples / B)) steps); a smaller "
-                     f"--eval-examples resolves them")
+        lines.append(f"note: {cells} reached the target at the first evaluation: those steps are upper "
+                     f"bounds at the evaluation interval (max(1, round(--eval-examples / B)) steps); a "
+                     f"smaller --eval-examples resolves them")
     c = summary["counts"]
     lines.append("trials: " + ", ".join(f"{v} {k}" for k, v in c.items()))
     return "\n".join(lines)
