@@ -89,7 +89,9 @@ def _cmd_train(args) -> int:
     cfg = load_config(config_path, overrides)
     out = Path(args.out) if args.out else default_out_dir(cfg)
     if args.nproc > 1 or args.nnodes != "1" or args.rdzv_endpoint:
-        return launch_job(cfg, out, args)
+        return launch_job(cfg, out, args.nproc, max_restarts=args.max_restarts, nnodes=args.nnodes,
+                          rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id, out_given=bool(args.out),
+                          resume=args.resume)
 
     # a worker of a torchrun / --nproc job resumes by itself when the agent restarts it
     resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -104,9 +106,11 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def launch_job(cfg, out: Path, args) -> int:
-    """The parent of a --nproc job: validate and prepare everything, then start the workers. ``args`` holds
-    ``nproc``, ``max_restarts``, ``nnodes``, ``rdzv_endpoint``, ``rdzv_id``, ``out`` and ``resume``."""
+def launch_job(cfg, out: Path, nproc: int, *, max_restarts: int = 0, nnodes: str = "1",
+               rdzv_endpoint: str = "", rdzv_id: str = "", out_given: bool = True,
+               resume: bool = False) -> int:
+    """The parent of a --nproc job: validate and prepare everything, then start the workers. The options are
+    ``scalelab train``'s; ``out_given``: the run directory was named (every node of a multi-node job must)."""
     import json
 
     from scalelab.config import save_config
@@ -114,19 +118,19 @@ def launch_job(cfg, out: Path, args) -> int:
     from scalelab.parallel.launch import WorkerFailure, launch_workers, parse_nnodes
     from scalelab.train import check_names, print_summary, refuse_existing_run, workers_used
 
-    nnodes = parse_nnodes(args.nnodes)
-    multinode = nnodes != (1, 1)
-    if multinode and not (args.rdzv_endpoint and args.rdzv_id and args.out):
+    nodes = parse_nnodes(nnodes)
+    multinode = nodes != (1, 1)
+    if multinode and not (rdzv_endpoint and rdzv_id and out_given):
         raise ConfigError("--nnodes with more than one node needs --rdzv-endpoint HOST:PORT, --rdzv-id ID and "
                           "--out DIR (the same on every node)")
-    if args.rdzv_endpoint:
-        host, _, port = args.rdzv_endpoint.rpartition(":")
+    if rdzv_endpoint:
+        host, _, port = rdzv_endpoint.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"--rdzv-endpoint {args.rdzv_endpoint!r}: expected HOST:PORT, e.g. node1:29500")
+            raise ConfigError(f"--rdzv-endpoint {rdzv_endpoint!r}: expected HOST:PORT, e.g. node1:29500")
     check_names(cfg)
-    workers_used(cfg, args.nproc * nnodes[0], check_batch=not multinode)
+    workers_used(cfg, nproc * nodes[0], check_batch=not multinode)
     # the nodes of a multi-node job start at different times: each resumes what is there (or starts it)
-    resume = args.resume or multinode
+    resume = resume or multinode
     if not resume:
         refuse_existing_run(out)
     load_dataset(cfg.data)  # generate or download once, here, not in every worker
@@ -137,8 +141,8 @@ def launch_job(cfg, out: Path, args) -> int:
     if resume:
         worker_args.append("--resume")
     try:
-        launch_workers(worker_args, args.nproc, args.max_restarts, out, nnodes=nnodes,
-                       rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id)
+        launch_workers(worker_args, nproc, max_restarts, out, nnodes=nodes,
+                       rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
     except WorkerFailure as e:
         if getattr(e, "rank", None) is None or e.rank >= _servers(cfg):
             raise
@@ -148,9 +152,9 @@ def launch_job(cfg, out: Path, args) -> int:
         raise WorkerFailure(f"parameter server rank {e.rank} {e.how}: parallel.mode={cfg.parallel.mode} cannot go "
                             f"on without its parameters; last checkpoint: "
                             f"{kept[-1][1] if kept else 'none'}; continue with: scalelab train --out {out} "
-                            f"--resume --nproc {args.nproc}") from None
+                            f"--resume --nproc {nproc}") from None
     except KeyboardInterrupt:
-        print(f"\nscalelab: interrupted; continue with: scalelab train --out {out} --resume --nproc {args.nproc}",
+        print(f"\nscalelab: interrupted; continue with: scalelab train --out {out} --resume --nproc {nproc}",
               file=sys.stderr)
         return 130
     if (out / "summary.json").exists():  # on other nodes the run directory may be rank 0's alone

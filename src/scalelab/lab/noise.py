@@ -304,11 +304,9 @@ def run(args) -> int:
         noise_method(args.method, args.nproc, cfg.compress.method, cfg.parallel.backup_workers)  # refused now
         out = Path(args.out) if args.out else Path("runs") / f"noise-{dt.datetime.now():%Y%m%d-%H%M%S}"
         if args.nproc > 1:
-            from types import SimpleNamespace
-
             from scalelab.cli import launch_job
-            launch_job(cfg, out, SimpleNamespace(nproc=args.nproc, max_restarts=0, nnodes="1", out=str(out),
-                                                 rdzv_endpoint=None, rdzv_id=None, resume=False))
+
+            launch_job(cfg, out, args.nproc)
         else:
             train(cfg, out)
     result, paths = write_result(out, args.ema)
