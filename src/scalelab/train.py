@@ -80,6 +80,11 @@ class Counters:
     last_batch: int = 0  # global batch of the last step
     schedule_epochs: float = 0.0  # length of the LR schedule in epochs, fixed by the first session
 
+    @property
+    def loop_s(self) -> float:
+        """Time in the training loop: training, evaluation, checkpoints and noise-scale measurements."""
+        return self.train_s + self.eval_s + self.ckpt_s + self.noise_s
+
     def to_state(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -377,9 +382,7 @@ class Trainer:
             if reached:
                 c.steps_to_target, c.time_to_target_s = c.step, c.train_s
             tracker.log("eval", c.step, epoch=epochs_done(), test_loss=loss, test_acc=acc, test_n=n,
-                        train_s=c.train_s, eval_s=c.eval_s,
-                        wall_s=c.train_s + c.eval_s + c.ckpt_s + c.noise_s,
-                        samples=c.samples_seen)
+                        train_s=c.train_s, eval_s=c.eval_s, wall_s=c.loop_s, samples=c.samples_seen)
             progress.update(0, test_acc=acc)
             return reached
 
@@ -483,7 +486,7 @@ class Trainer:
                     log_t0, log_samples0 = c.train_s, c.samples_seen
                     tracker.log("train", c.step, epoch=epochs_done(), loss=loss_v, acc=acc, lr=lr, batch=Bs,
                                 samples=c.samples_seen, samples_per_s=sps, train_s=c.train_s,
-                                wall_s=c.train_s + c.eval_s + c.ckpt_s + c.noise_s,
+                                wall_s=c.loop_s,
                                 comm_bytes=c.comm_bytes, comm_s=c.comm_s)
                     progress.update(1, epoch=f"{epochs_done():.2f}", loss=loss_v, acc=acc, lr=lr,
                                     samples_s=round(sps))

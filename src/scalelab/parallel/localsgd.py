@@ -158,7 +158,7 @@ class _LocalSGD(RunBase):
                 log_t0, log_step0 = c.train_s, c.step
                 self.tracker.log("train", c.step, epoch=c.step / spe, loss=(stats[0] / stats[2]).item(),
                                  acc=(stats[1] / stats[2]).item(), lr=lr, samples=c.samples_seen,
-                                 samples_per_s=sps, train_s=c.train_s, wall_s=c.train_s + c.eval_s + c.ckpt_s,
+                                 samples_per_s=sps, train_s=c.train_s, wall_s=c.loop_s,
                                  comm_bytes=c.comm_bytes, averagings=averagings)
             if c.step % eval_every == 0 or c.step == total:
                 if do_eval():

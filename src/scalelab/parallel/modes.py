@@ -138,7 +138,7 @@ class RunBase:
         if reached:
             c.steps_to_target, c.time_to_target_s = c.step, c.train_s
         self.tracker.log("eval", c.step, epoch=c.step / spe, test_loss=loss, test_acc=acc, test_n=n,
-                         train_s=c.train_s, eval_s=c.eval_s, wall_s=c.train_s + c.eval_s + c.ckpt_s,
+                         train_s=c.train_s, eval_s=c.eval_s, wall_s=c.loop_s,
                          samples=c.samples_seen)
         return reached
 

@@ -416,7 +416,7 @@ class ParameterServer(RunBase):
                          loss=iv["loss"] / max(iv["count"], 1), acc=iv["correct"] / max(iv["count"], 1),
                          lr=self.last_lr, lr_min=iv["lr_min"], samples=c.samples_seen,
                          samples_per_s=n * self.geo.update_batch / dt if dt > 0 else 0.0,
-                         train_s=c.train_s, wall_s=c.train_s + c.eval_s + c.ckpt_s,
+                         train_s=c.train_s, wall_s=c.loop_s,
                          staleness_mean=sum(iv["taus"]) / n, staleness_max=max(iv["taus"]),
                          ssp_ahead_max=iv["ahead"], workers_live=len(self.live))
         self._iv = self._interval()
