@@ -47,6 +47,7 @@ def _fmt(v: Any, spec: str = "") -> str:
 def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool, plots: list[str],
            noise_plot: str | None) -> str:
     from scalelab.lab.knee import predicted_knee
+    from scalelab.lab.noise import small_batches
 
     spec = summary["spec"]
     base = spec["base"]
@@ -120,8 +121,8 @@ def render(summary: dict[str, Any], noise: dict[str, Any] | None, partial: bool,
     if noise:
         bs = noise["predicted_critical_batch"]
         h.append(f"<p>Gradient noise scale B_simple = tr(&Sigma;)/|G|&sup2; measured during a training run at "
-                 f"batch {noise['batch']} ({'each worker' if noise.get('method') == 'workers' else 'shards'}"
-                 f" of {noise['shards_batch']}; McCandlish et al. 2018): "
+                 f"batch {noise['batch']} ({small_batches(noise)} of {noise['shards_batch']}; McCandlish et "
+                 f"al. 2018): "
                  f"<b>{_fmt(bs, '.0f')}</b>"
                  + (f" when the run reached test accuracy {noise['target_acc']:g}" if noise.get(
                      "b_simple_at_target") is not None else " (last 20% of the run)")

@@ -249,8 +249,13 @@ def write_result(run_dir: Path, ema: float = 0.9) -> tuple[dict[str, Any], list[
     return result, [Path(run_dir) / "noise.json", plot_noise(result, Path(run_dir) / "noise.png")]
 
 
+def small_batches(r: dict[str, Any]) -> str:
+    """What the small batch b of a noise result was: each worker's share, or shards of one batch."""
+    return "each worker's share" if r.get("method") == "workers" else "shards"
+
+
 def format_result(r: dict[str, Any]) -> str:
-    small = ("each worker's share" if r.get("method") == "workers" else "shards")
+    small = small_batches(r)
     lines = [f"gradient noise scale B_simple (McCandlish et al. 2018), {r['measurements']} measurements at "
              f"B={r['batch']} with {small} of b={r['shards_batch']}:",
              f"  at the end (EMA {r['ema']:g}):          {r['b_simple_final']:.1f}",
