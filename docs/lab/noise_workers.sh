@@ -22,3 +22,18 @@ scalelab noise --nproc 4 --config docs/lab/mnist1d_sweep.toml --set train.batch_
 mkdir -p docs/lab/results/sweep-985/noise-workers4
 cp runs/lab-sweep-985/noise-workers4/noise.json runs/lab-sweep-985/noise-workers4/noise.png \
   runs/lab-sweep-985/noise-workers4/summary.json docs/lab/results/sweep-985/noise-workers4/
+# The peer, run the same day: the shard estimator in one process (the commands of docs/lab.md's 95% section and of
+# docs/lab/sweep_985.sh, step 4)
+scalelab noise --config docs/lab/mnist1d_sweep.toml --set train.batch_size=256 --set recipe.optimizer=sgd \
+  --set recipe.base_lr=0.4 --set recipe.scaling=none --set train.target_acc=0.95 --set train.epochs=10 \
+  --set train.eval_every=10 --set train.threads=1 --set train.progress=false --every 5 --shards 8 \
+  --out runs/lab-sweep-95/noise-shards-2026-12-06
+scalelab noise --config docs/lab/mnist1d_sweep.toml --set train.batch_size=256 --set recipe.optimizer=sgd \
+  --set recipe.base_lr=0.1 --set recipe.scaling=none --set recipe.warmup_epochs=0.25 --set train.target_acc=0.985 \
+  --set train.epochs=8 --set train.eval_every=4 --set train.threads=1 --set train.progress=false --every 5 \
+  --shards 8 --out runs/lab-sweep-985/noise-shards-2026-12-06
+for t in 95 985; do
+  mkdir -p docs/lab/results/sweep-$t/noise-shards-2026-12-06
+  cp runs/lab-sweep-$t/noise-shards-2026-12-06/noise.json runs/lab-sweep-$t/noise-shards-2026-12-06/noise.png \
+    runs/lab-sweep-$t/noise-shards-2026-12-06/summary.json docs/lab/results/sweep-$t/noise-shards-2026-12-06/
+done
